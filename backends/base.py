@@ -1,0 +1,197 @@
+"""The contract every backend implements.
+
+A backend owns one model and its inference context inside a worker process. It
+knows nothing of ZeroMQ or of the protocol: the worker validates requests,
+calls these methods from a single thread, and turns raised
+:class:`runtime.errors.LlamafleetError` subclasses into typed replies.
+
+Rules every implementation follows:
+
+* Bad input raises :class:`~runtime.errors.BadRequest` (or ``NotFound``)
+  *before* anything reaches native code; a request must never crash the process.
+* A feature the backend lacks raises :class:`~runtime.errors.NotSupported`
+  (the default of every optional method below).
+* Sequences are numbered ``0 .. n_seq_max-1``. Each holds a token history (its
+  KV state) and its own sampler. ``evaluate`` appends tokens; ``sample`` picks
+  the next token from the logits of the last evaluated token of that sequence.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import NotSupported
+from runtime.sampling import SamplingParams
+
+#: Called during model loading with a fraction in [0, 1].
+ProgressCallback = Callable[[float], None]
+
+
+@dataclass
+class ModelInfo:
+    """What a backend reports about its loaded model and context."""
+
+    name: str
+    backend: str
+    architecture: str
+    n_params: int
+    n_vocab: int
+    n_ctx: int
+    n_ctx_train: int
+    n_batch: int
+    n_seq_max: int
+    n_embd: int
+    bos_token: int | None
+    eos_token: int | None
+    chat_template: str | None
+    features: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Backend(ABC):
+    """One model and its context. Methods are called from one thread only."""
+
+    #: Registry name ("fake", "llama").
+    name: str = ""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        """Keep the options (model path, n_ctx, ...); do not load yet.
+
+        Unknown or badly typed options raise BadRequest.
+        """
+        self.options = dict(options)
+
+    # -- lifecycle ---------------------------------------------------------
+    @abstractmethod
+    def load(self, progress: ProgressCallback | None = None) -> None:
+        """Load the model and create the context, reporting progress in [0, 1].
+
+        Raises BadRequest for a missing/unreadable/invalid model file.
+        """
+
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Model metadata and context limits (valid after ``load``)."""
+
+    def close(self) -> None:
+        """Free native resources. Safe to call twice."""
+
+    # -- vocabulary --------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
+        """Text to token ids. ``add_special`` adds BOS (and EOS if the model wants);
+        ``parse_special`` lets special-token text like ``<|im_start|>`` map to its id."""
+
+    @abstractmethod
+    def token_to_piece(self, token: int, special: bool = True) -> bytes:
+        """The raw bytes one token renders to (may be a partial UTF-8 sequence).
+        BadRequest if the id is out of range."""
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Token ids to text; invalid UTF-8 is replaced. BadRequest on bad ids.
+
+        ``special=False`` drops control tokens such as BOS/EOS from the text."""
+        self.check_tokens(tokens)
+        out = b"".join(self.token_to_piece(t, special=special) for t in tokens)
+        return out.decode("utf-8", errors="replace")
+
+    @abstractmethod
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, ...)."""
+
+    @abstractmethod
+    def check_tokens(self, tokens: Sequence[int]) -> None:
+        """Raise BadRequest unless every id is an int in ``[0, n_vocab)``."""
+
+    # -- sequences ---------------------------------------------------------
+    @abstractmethod
+    def seq_len(self, seq: int) -> int:
+        """Number of tokens held by the sequence (its next position)."""
+
+    @abstractmethod
+    def evaluate(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Append tokens to sequences and compute logits for the last token of each.
+
+        ``batch`` lists ``(seq, tokens)`` pairs with distinct sequences; the backend
+        may split the work into chunks of ``n_batch``. Raises BadRequest for a bad
+        sequence id, bad token ids, or a sequence that would exceed ``n_ctx``;
+        in that case no sequence of the batch is changed.
+        """
+
+    def prefill(self, seq: int, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to one sequence (``evaluate`` of one pair)."""
+        self.evaluate([(seq, tokens)])
+
+    @abstractmethod
+    def set_sampling(self, seq: int, params: SamplingParams) -> None:
+        """Install the sampler of a sequence. An invalid grammar or JSON schema
+        raises BadRequest and leaves the previous sampler in place (fail closed)."""
+
+    @abstractmethod
+    def sample(self, seq: int) -> int | None:
+        """Choose the next token from the sequence's current logits and feed it to
+        the sampler's state (penalties, grammar). Does not append it to the KV.
+
+        Returns ``None`` when the grammar admits no further token (the caller
+        ends the generation cleanly). Raises BadRequest if the sequence has no
+        logits (nothing evaluated yet)."""
+
+    @abstractmethod
+    def seq_clear(self, seq: int) -> None:
+        """Drop the sequence's tokens, KV and sampler state."""
+
+    @abstractmethod
+    def seq_tokens(self, seq: int) -> list[int]:
+        """The token history of the sequence (what its KV holds)."""
+
+    # -- KV state ----------------------------------------------------------
+    def kv_pack(self, seq: int) -> bytes:
+        """Serialize the sequence's KV state (with a self-describing header)."""
+        raise NotSupported(f"{self.name} backend does not support kv_pack")
+
+    def kv_unpack(self, seq: int, data: bytes) -> int:
+        """Replace the sequence's state with a blob from ``kv_pack``; returns its
+        token count. A blob from another model or an incompatible context raises
+        BadRequest and leaves the sequence empty. Afterwards ``sample`` works."""
+        raise NotSupported(f"{self.name} backend does not support kv_unpack")
+
+    # -- adapters ----------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Load a LoRA adapter file under ``name`` (not applied yet)."""
+        raise NotSupported(f"{self.name} backend does not support LoRA adapters")
+
+    def unload_adapter(self, name: str) -> None:
+        """Free a loaded adapter (removing it from the active set). NotFound if unknown."""
+        raise NotSupported(f"{self.name} backend does not support LoRA adapters")
+
+    def set_adapters(self, scales: dict[str, float]) -> None:
+        """Replace the active adapter set: name -> scale (empty clears).
+        NotFound for an unknown name."""
+        raise NotSupported(f"{self.name} backend does not support LoRA adapters")
+
+    def adapters(self) -> dict[str, Any]:
+        """Loaded adapters: name -> {"path", "scale" (None when inactive)}."""
+        return {}
+
+    # -- embeddings and chat -----------------------------------------------
+    def embed(self, texts: Sequence[str], normalize: bool = True) -> list[list[float]]:
+        """One pooled embedding per text (L2-normalized when ``normalize``)."""
+        raise NotSupported(f"{self.name} backend does not support embeddings")
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
+                            add_generation_prompt: bool = True,
+                            template: str | None = None,
+                            enable_thinking: bool | None = None) -> str:
+        """Render chat messages with the model's template (or ``template``)."""
+        raise NotSupported(f"{self.name} backend does not support chat templates")
+
+    # -- control -----------------------------------------------------------
+    def set_abort(self, should_abort: Callable[[], bool] | None) -> None:
+        """Install a predicate polled during long native work; True aborts it."""

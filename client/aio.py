@@ -1,0 +1,529 @@
+"""The asyncio client (the core; :class:`client.Client` wraps it).
+
+One DEALER socket per model worker, found through the supervisor. A socket
+monitor watches each worker connection: when the worker dies, every call in
+flight on it ends at once with :class:`~runtime.errors.WorkerCrashed`
+(retryable), and the next call looks the model up again and reaches the
+restarted worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import fields
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from client.results import Completion, Decoded
+from runtime import protocol
+from runtime.config import default_address
+from runtime.errors import (BadRequest, Cancelled, LlamafleetError, ProtocolError,
+                            RequestTimeout, WorkerCrashed, error_from_wire)
+from runtime.sampling import SamplingParams
+
+log = logging.getLogger("llamafleet.client")
+
+SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
+_DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED,
+                zmq.EVENT_MONITOR_STOPPED}
+if hasattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL"):
+    _DEAD_EVENTS |= {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+
+
+def sampling_from(kwargs: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Split sampling keyword arguments out; TypeError for unknown ones."""
+    unknown = set(kwargs) - SAMPLING_KEYS
+    if unknown:
+        raise TypeError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+    merged = {**(base or {}), **kwargs}
+    SamplingParams.from_dict(dict(merged))  # fail early, client side
+    return merged
+
+
+class _Call:
+    """A request in flight: replies are queued until the caller reads them."""
+
+    __slots__ = ("id", "queue", "conn")
+
+    def __init__(self, req_id: int, conn: "_WorkerConn") -> None:
+        self.id = req_id
+        self.conn = conn
+        self.queue: asyncio.Queue[dict[str, Any] | LlamafleetError] = asyncio.Queue()
+
+
+class _WorkerConn:
+    """The connection to one generation of one model's worker."""
+
+    def __init__(self, client: "AsyncClient", model: str, endpoint: str, generation: int) -> None:
+        self.model = model
+        self.endpoint = endpoint
+        self.generation = generation
+        self.calls: dict[int, _Call] = {}
+        self.dead: LlamafleetError | None = None
+        self.sock = client._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.monitor = self.sock.get_monitor_socket()
+        self.sock.connect(endpoint)
+        self.connected = False
+        self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frames = await self.sock.recv_multipart()
+                try:
+                    msg = protocol.unpack(frames[-1])
+                except ProtocolError as exc:
+                    log.warning("dropping bad reply from %s: %s", self.model, exc)
+                    continue
+                call = self.calls.get(msg.get("id"))  # type: ignore[arg-type]
+                if call is not None:
+                    call.queue.put_nowait(msg)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                evt = parse_monitor_message(await self.monitor.recv_multipart())
+                if evt["event"] == zmq.EVENT_CONNECTED:
+                    self.connected = True
+                elif evt["event"] in _DEAD_EVENTS:
+                    self.fail(WorkerCrashed(
+                        f"worker of model {self.model} went away (generation {self.generation})",
+                        data={"model": self.model, "generation": self.generation}))
+                    return
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+
+    def fail(self, err: LlamafleetError) -> None:
+        """Mark dead and end every call in flight with ``err``."""
+        if self.dead is None:
+            self.dead = err
+        for call in list(self.calls.values()):
+            call.queue.put_nowait(err)
+        self.close()
+
+    def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+class AsyncStream:
+    """Async iterator over the text deltas of a streamed generation.
+
+    ``tokens`` collects token ids as they arrive; ``result`` holds the final
+    :class:`Completion` once the stream is exhausted; ``cancel()`` stops it."""
+
+    def __init__(self, client: "AsyncClient", model: str, args: dict[str, Any],
+                 timeout: float | None) -> None:
+        self._client = client
+        self._model = model
+        self._args = args
+        self._timeout = timeout
+        self._call: _Call | None = None
+        self._deadline: float | None = None
+        self._done = False
+        self.tokens: list[int] = []
+        self.result: Completion | None = None
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
+        if self._call is None:
+            t = self._client._timeout(self._timeout)
+            self._deadline = loop.time() + t
+            self._call = await self._client._send(self._model, "generate", self._args,
+                                                  deadline=self._deadline)
+        while True:
+            try:
+                msg = await self._client._next(self._call, self._deadline)
+            except BaseException:
+                self._done = True
+                await self._abandon()
+                raise
+            if msg["kind"] == "chunk":
+                data = msg["data"]
+                self.tokens.extend(data.get("tokens", []))
+                if data.get("text"):
+                    return data["text"]
+                continue
+            self._done = True
+            self._client._forget(self._call)
+            self.result = Completion.from_wire(self._model, msg["result"])
+            raise StopAsyncIteration
+
+    async def _abandon(self) -> None:
+        if self._call is not None:
+            self._client._forget(self._call)
+            await self._client._cancel_remote(self._call)
+
+    async def cancel(self) -> None:
+        """Stop the generation on the worker and end this iterator."""
+        if not self._done:
+            self._done = True
+            await self._abandon()
+
+    async def aclose(self) -> None:
+        await self.cancel()
+
+    async def collect(self) -> Completion:
+        """Consume the rest of the stream and return the final Completion."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class AsyncClient:
+    """Talks to a fleet through its supervisor (asyncio).
+
+    ``address`` is the supervisor's control address (default: the local runtime
+    directory's). ``timeout`` is the default per-call limit in seconds;
+    ``connect_timeout`` bounds how long a call waits for a (re)starting worker.
+    """
+
+    def __init__(self, address: str | None = None, *, timeout: float = 600.0,
+                 connect_timeout: float = 30.0) -> None:
+        self.address = address or default_address()
+        self.default_timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._ctx = zmq.asyncio.Context()
+        self._ids = itertools.count(1)
+        self._conns: dict[str, _WorkerConn] = {}
+        self._control: zmq.asyncio.Socket | None = None
+        self._control_calls: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._control_reader: asyncio.Future[None] | None = None
+        self._lookups: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every socket. Calls in flight end with Cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns.values()):
+            conn.fail(Cancelled("client closed"))
+        self._conns.clear()
+        if self._control_reader is not None:
+            self._control_reader.cancel()
+        if self._control is not None:
+            self._control.close(linger=0)
+        self._ctx.term()
+
+    # -- plumbing -------------------------------------------------------------------
+    def _timeout(self, timeout: float | None) -> float:
+        return self.default_timeout if timeout is None else float(timeout)
+
+    async def _supervisor(self, cmd: str, args: dict[str, Any], timeout: float) -> Any:
+        if self._closed:
+            raise Cancelled("client closed")
+        protocol.validate_args(cmd, args)
+        if self._control is None:
+            self._control = self._ctx.socket(zmq.DEALER)
+            self._control.setsockopt(zmq.LINGER, 0)
+            self._control.connect(self.address)
+            self._control_reader = asyncio.ensure_future(self._read_control())
+        req_id = next(self._ids)
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._control_calls[req_id] = q
+        try:
+            await self._control.send(protocol.request(req_id, cmd, args))
+            try:
+                msg = await asyncio.wait_for(q.get(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"supervisor at {self.address} did not answer {cmd} "
+                                     f"within {timeout:.1f}s") from None
+        finally:
+            self._control_calls.pop(req_id, None)
+        if msg["kind"] == "error":
+            raise error_from_wire(msg["error"])
+        return msg["result"]
+
+    async def _read_control(self) -> None:
+        assert self._control is not None
+        try:
+            while True:
+                frames = await self._control.recv_multipart()
+                try:
+                    msg = protocol.unpack(frames[-1])
+                except ProtocolError:
+                    continue
+                q = self._control_calls.get(msg.get("id"))  # type: ignore[arg-type]
+                if q is not None:
+                    q.put_nowait(msg)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+
+    async def _conn(self, model: str, deadline: float) -> _WorkerConn:
+        conn = self._conns.get(model)
+        if conn is not None and conn.dead is None:
+            return conn
+        lock = self._lookups.setdefault(model, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(model)
+            if conn is not None and conn.dead is None:
+                return conn
+            left = deadline - asyncio.get_running_loop().time()
+            wait = max(0.0, min(left, self.connect_timeout))
+            found = await self._supervisor("lookup", {"model": model,
+                                                      "wait_ms": int(wait * 1000)},
+                                           timeout=wait + 5.0)
+            conn = _WorkerConn(self, model, found["endpoint"], found["generation"])
+            self._conns[model] = conn
+            return conn
+
+    async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
+                    deadline: float) -> _Call:
+        protocol.validate_args(cmd, args)
+        if self._closed:
+            raise Cancelled("client closed")
+        conn = await self._conn(model, deadline)
+        call = _Call(next(self._ids), conn)
+        conn.calls[call.id] = call
+        await conn.sock.send(protocol.request(call.id, cmd, args))
+        return call
+
+    async def _next(self, call: _Call, deadline: float | None) -> dict[str, Any]:
+        """The next reply of a call; raises its error."""
+        timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        try:
+            msg = await asyncio.wait_for(call.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no reply from model {call.conn.model} in time") from None
+        if isinstance(msg, LlamafleetError):
+            raise msg
+        if msg["kind"] == "error":
+            raise error_from_wire(msg["error"])
+        return msg
+
+    def _forget(self, call: _Call) -> None:
+        call.conn.calls.pop(call.id, None)
+
+    async def _cancel_remote(self, call: _Call) -> None:
+        if call.conn.dead is None:
+            try:
+                await call.conn.sock.send(protocol.request(
+                    next(self._ids), "cancel", {"target": call.id}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    async def call(self, model: str, cmd: str, args: dict[str, Any] | None = None, *,
+                   timeout: float | None = None) -> Any:
+        """Send one worker command and return its result (the raw protocol)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout(timeout)
+        call = await self._send(model, cmd, dict(args or {}), deadline=deadline)
+        try:
+            while True:
+                msg = await self._next(call, deadline)
+                if msg["kind"] == "result":
+                    return msg["result"]
+        except (RequestTimeout, asyncio.CancelledError):
+            await self._cancel_remote(call)
+            raise
+        finally:
+            self._forget(call)
+
+    # -- supervisor ---------------------------------------------------------------------
+    async def status(self, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """One dict per worker: model, pid, state, restarts, last_exit, ..."""
+        return (await self._supervisor("status", {}, timeout))["workers"]
+
+    async def lookup(self, model: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """Where the model's worker is (waits up to ``wait`` s for readiness)."""
+        return await self._supervisor("lookup", {"model": model, "wait_ms": int(wait * 1000)},
+                                      timeout=wait + 5.0)
+
+    async def shutdown_fleet(self) -> None:
+        """Ask the supervisor to shut the whole fleet down gracefully."""
+        await self._supervisor("shutdown", {}, timeout=10.0)
+
+    # -- model commands -------------------------------------------------------------------
+    async def ping(self, model: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return await self.call(model, "ping", timeout=timeout)
+
+    async def info(self, model: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Model metadata, backend, limits and loaded adapters."""
+        return await self.call(model, "info", timeout=timeout)
+
+    async def tokenize(self, model: str, text: str, *, add_special: bool = True,
+                       parse_special: bool = False, timeout: float | None = None) -> list[int]:
+        r = await self.call(model, "tokenize", {"text": text, "add_special": add_special,
+                                                "parse_special": parse_special}, timeout=timeout)
+        return list(r["tokens"])
+
+    async def detokenize(self, model: str, tokens: Sequence[int], *, special: bool = False,
+                         timeout: float | None = None) -> str:
+        r = await self.call(model, "detokenize", {"tokens": list(tokens), "special": special},
+                            timeout=timeout)
+        return str(r["text"])
+
+    async def prefill(self, model: str, seq: int, tokens: Sequence[int], *,
+                      timeout: float | None = None) -> int:
+        """Append tokens to a sequence; returns its new length."""
+        r = await self.call(model, "prefill", {"seq": seq, "tokens": list(tokens)},
+                            timeout=timeout)
+        return int(r["n_tokens"])
+
+    async def decode(self, model: str, seq: int, *, timeout: float | None = None,
+                     **sampling: Any) -> Decoded:
+        """Sample one token for a sequence and append it (``sampling`` replaces its sampler)."""
+        args: dict[str, Any] = {"seq": seq}
+        if sampling:
+            args["sampling"] = sampling_from(sampling)
+        r = await self.call(model, "decode", args, timeout=timeout)
+        return Decoded(token=r["token"], piece=r["piece"], eog=r["eog"],
+                       n_tokens=r["n_tokens"], reason=r.get("reason"))
+
+    def _generate_args(self, prompt: str | None, tokens: Sequence[int] | None, seq: int | None,
+                       max_tokens: int, stop: Sequence[str] | str | None, add_special: bool,
+                       parse_special: bool, ignore_eos: bool, stream: bool,
+                       sampling: dict[str, Any]) -> dict[str, Any]:
+        if (prompt is None) == (tokens is None):
+            raise BadRequest("give exactly one of prompt or tokens")
+        if isinstance(stop, str):
+            stop = [stop]
+        return {"prompt": prompt, "tokens": None if tokens is None else list(tokens),
+                "seq": seq, "max_tokens": max_tokens, "stop": list(stop or []),
+                "sampling": sampling_from(sampling), "add_special": add_special,
+                "parse_special": parse_special, "ignore_eos": ignore_eos, "stream": stream}
+
+    async def generate(self, model: str, prompt: str | None = None, *,
+                       tokens: Sequence[int] | None = None, seq: int | None = None,
+                       max_tokens: int = 256, stop: Sequence[str] | str | None = None,
+                       add_special: bool = True, parse_special: bool = False,
+                       ignore_eos: bool = False, timeout: float | None = None,
+                       **sampling: Any) -> Completion:
+        """Generate a completion. ``sampling`` takes SamplingParams fields
+        (temperature=0 is greedy; grammar=GBNF; json_schema=...)."""
+        args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
+                                   parse_special, ignore_eos, False, sampling)
+        return Completion.from_wire(model, await self.call(model, "generate", args,
+                                                           timeout=timeout))
+
+    def stream(self, model: str, prompt: str | None = None, *,
+               tokens: Sequence[int] | None = None, seq: int | None = None,
+               max_tokens: int = 256, stop: Sequence[str] | str | None = None,
+               add_special: bool = True, parse_special: bool = False,
+               ignore_eos: bool = False, timeout: float | None = None,
+               **sampling: Any) -> AsyncStream:
+        """Like :meth:`generate`, but an async iterator of text deltas."""
+        args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
+                                   parse_special, ignore_eos, True, sampling)
+        return AsyncStream(self, model, args, timeout)
+
+    async def kv_pack(self, model: str, seq: int, *, timeout: float | None = None) -> bytes:
+        """The sequence's KV state as portable bytes."""
+        r = await self.call(model, "kv_pack", {"seq": seq}, timeout=timeout)
+        return bytes(r["data"])
+
+    async def kv_unpack(self, model: str, seq: int, data: bytes, *,
+                        timeout: float | None = None) -> int:
+        """Restore a sequence from ``kv_pack`` bytes; returns its token count."""
+        r = await self.call(model, "kv_unpack", {"seq": seq, "data": bytes(data)},
+                            timeout=timeout)
+        return int(r["n_tokens"])
+
+    async def seq_clear(self, model: str, seq: int, *, timeout: float | None = None) -> None:
+        await self.call(model, "seq_clear", {"seq": seq}, timeout=timeout)
+
+    async def set_sampling(self, model: str, seq: int, *, timeout: float | None = None,
+                           **sampling: Any) -> None:
+        """Replace a sequence's sampler (used by :meth:`decode`)."""
+        await self.call(model, "set_sampling", {"seq": seq, "sampling": sampling_from(sampling)},
+                        timeout=timeout)
+
+    async def set_grammar(self, model: str, seq: int, grammar: str | None = None, *,
+                          json_schema: Any = None, timeout: float | None = None) -> None:
+        """Constrain a sequence with GBNF or a JSON schema (greedy sampler)."""
+        await self.call(model, "set_grammar", {"seq": seq, "grammar": grammar,
+                                               "json_schema": json_schema}, timeout=timeout)
+
+    async def load_adapter(self, model: str, name: str, path: str, *,
+                           timeout: float | None = None) -> dict[str, Any]:
+        return await self.call(model, "load_adapter", {"name": name, "path": path},
+                               timeout=timeout)
+
+    async def unload_adapter(self, model: str, name: str, *,
+                             timeout: float | None = None) -> None:
+        await self.call(model, "unload_adapter", {"name": name}, timeout=timeout)
+
+    async def set_adapters(self, model: str, scales: dict[str, float], *,
+                           timeout: float | None = None) -> dict[str, Any]:
+        """Apply this set of adapters (name -> scale); an empty map clears it."""
+        r = await self.call(model, "set_adapters", {"scales": dict(scales)}, timeout=timeout)
+        return dict(r["adapters"])
+
+    async def embed(self, model: str, texts: str | Sequence[str], *, normalize: bool = True,
+                    timeout: float | None = None) -> list[list[float]]:
+        """One pooled embedding per text."""
+        items = [texts] if isinstance(texts, str) else list(texts)
+        r = await self.call(model, "embed", {"texts": items, "normalize": normalize},
+                            timeout=timeout)
+        return [list(v) for v in r["embeddings"]]
+
+    async def apply_chat_template(self, model: str, messages: Sequence[dict[str, Any]], *,
+                                  system: str | None = None, add_generation_prompt: bool = True,
+                                  enable_thinking: bool | None = None,
+                                  timeout: float | None = None) -> str:
+        """Render messages with the model's chat template."""
+        r = await self.call(model, "apply_chat_template", {
+            "messages": [dict(m) for m in messages], "system": system,
+            "add_generation_prompt": add_generation_prompt,
+            "enable_thinking": enable_thinking}, timeout=timeout)
+        return str(r["prompt"])
+
+    async def chat(self, model: str, messages: Sequence[dict[str, Any]], *,
+                   system: str | None = None, enable_thinking: bool | None = None,
+                   **kwargs: Any) -> Completion:
+        """Render the chat template, then :meth:`generate` from it."""
+        prompt = await self.apply_chat_template(model, messages, system=system,
+                                                enable_thinking=enable_thinking)
+        kwargs.setdefault("add_special", False)
+        kwargs.setdefault("parse_special", True)
+        return await self.generate(model, prompt, **kwargs)
+
+    async def chat_stream(self, model: str, messages: Sequence[dict[str, Any]], *,
+                          system: str | None = None, enable_thinking: bool | None = None,
+                          **kwargs: Any) -> AsyncStream:
+        """Render the chat template, then :meth:`stream` from it."""
+        prompt = await self.apply_chat_template(model, messages, system=system,
+                                                enable_thinking=enable_thinking)
+        kwargs.setdefault("add_special", False)
+        kwargs.setdefault("parse_special", True)
+        return self.stream(model, prompt, **kwargs)
+
+
+async def iterate(stream: AsyncStream) -> AsyncIterator[str]:
+    """``async for`` helper that always cancels the stream when left early."""
+    try:
+        async for piece in stream:
+            yield piece
+    finally:
+        await stream.cancel()

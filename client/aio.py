@@ -408,26 +408,31 @@ class AsyncClient:
     def _generate_args(self, prompt: str | None, tokens: Sequence[int] | None, seq: int | None,
                        max_tokens: int, stop: Sequence[str] | str | None, add_special: bool,
                        parse_special: bool, ignore_eos: bool, stream: bool,
+                       session: str | None, timeout: float | None,
                        sampling: dict[str, Any]) -> dict[str, Any]:
         if (prompt is None) == (tokens is None):
             raise BadRequest("give exactly one of prompt or tokens")
         if isinstance(stop, str):
             stop = [stop]
+        # the worker drops the request itself when the caller's timeout has passed
+        deadline_ms = int(self._timeout(timeout) * 1000) + 50
         return {"prompt": prompt, "tokens": None if tokens is None else list(tokens),
                 "seq": seq, "max_tokens": max_tokens, "stop": list(stop or []),
                 "sampling": sampling_from(sampling), "add_special": add_special,
-                "parse_special": parse_special, "ignore_eos": ignore_eos, "stream": stream}
+                "parse_special": parse_special, "ignore_eos": ignore_eos, "stream": stream,
+                "session": session, "deadline_ms": deadline_ms}
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        tokens: Sequence[int] | None = None, seq: int | None = None,
                        max_tokens: int = 256, stop: Sequence[str] | str | None = None,
                        add_special: bool = True, parse_special: bool = False,
-                       ignore_eos: bool = False, timeout: float | None = None,
-                       **sampling: Any) -> Completion:
+                       ignore_eos: bool = False, session: str | None = None,
+                       timeout: float | None = None, **sampling: Any) -> Completion:
         """Generate a completion. ``sampling`` takes SamplingParams fields
-        (temperature=0 is greedy; grammar=GBNF; json_schema=...)."""
+        (temperature=0 is greedy; grammar=GBNF; json_schema=...). ``session``
+        names a conversation whose KV the worker keeps warm and on disk."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
-                                   parse_special, ignore_eos, False, sampling)
+                                   parse_special, ignore_eos, False, session, timeout, sampling)
         return Completion.from_wire(model, await self.call(model, "generate", args,
                                                            timeout=timeout))
 
@@ -435,11 +440,11 @@ class AsyncClient:
                tokens: Sequence[int] | None = None, seq: int | None = None,
                max_tokens: int = 256, stop: Sequence[str] | str | None = None,
                add_special: bool = True, parse_special: bool = False,
-               ignore_eos: bool = False, timeout: float | None = None,
-               **sampling: Any) -> AsyncStream:
+               ignore_eos: bool = False, session: str | None = None,
+               timeout: float | None = None, **sampling: Any) -> AsyncStream:
         """Like :meth:`generate`, but an async iterator of text deltas."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
-                                   parse_special, ignore_eos, True, sampling)
+                                   parse_special, ignore_eos, True, session, timeout, sampling)
         return AsyncStream(self, model, args, timeout)
 
     async def kv_pack(self, model: str, seq: int, *, timeout: float | None = None) -> bytes:

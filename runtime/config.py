@@ -17,6 +17,18 @@ IPC_PATH_MAX = 107
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+#: Keys of a ``[models.NAME]`` table read by the worker itself, not the backend:
+#: name -> (accepted types, default).
+WORKER_OPTIONS: dict[str, tuple[tuple[type, ...], Any]] = {
+    "max_queue": ((int,), 64),            # requests waiting for a slot before "overloaded"
+    "prefix_cache": ((bool,), True),      # reuse KV of shared prompt prefixes
+    "cache_ram_mb": ((int,), 256),        # RAM tier budget
+    "cache_dir": ((str,), None),          # disk tier (default <runtime_dir>/cache/<model>)
+    "cache_disk_mb": ((int,), 2048),      # disk tier budget
+    "cache_min_tokens": ((int,), 32),     # shortest prefix worth caching/restoring
+}
+
+
 class ConfigError(BadRequest):
     """The configuration is invalid (the message names the key)."""
 
@@ -68,11 +80,14 @@ class ModelConfig:
 
     name: str
     backend: str = "fake"
-    #: backend options: path, n_ctx, n_threads, ... (everything but ``backend``)
+    #: backend options: path, n_ctx, n_threads, ... (everything else)
     options: dict[str, Any] = field(default_factory=dict)
+    #: worker options (see WORKER_OPTIONS), defaults filled in
+    worker: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "options": dict(self.options)}
+        return {"name": self.name, "backend": self.backend, "options": dict(self.options),
+                "worker": dict(self.worker)}
 
 
 @dataclass
@@ -112,7 +127,20 @@ class Config:
                 if not p.is_absolute() and base_dir is not None:
                     p = base_dir / p
                 opts["path"] = str(p)
-            models[name] = ModelConfig(name=name, backend=backend, options=opts)
+            worker: dict[str, Any] = {}
+            for key, (types, default) in WORKER_OPTIONS.items():
+                value = opts.pop(key, default)
+                if value is not None and (not isinstance(value, types) or
+                                          (isinstance(value, bool) and bool not in types)):
+                    raise ConfigError(f"[models.{name}] {key} has the wrong type")
+                if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                    raise ConfigError(f"[models.{name}] {key} must be >= 0")
+                worker[key] = value
+            if worker["cache_dir"] is None:
+                worker["cache_dir"] = str(sup.runtime_dir / "cache" / name)
+            else:
+                worker["cache_dir"] = str(Path(worker["cache_dir"]).expanduser())
+            models[name] = ModelConfig(name=name, backend=backend, options=opts, worker=worker)
         cfg = cls(supervisor=sup, models=models)
         cfg.check_endpoints()
         return cfg

@@ -186,7 +186,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         "add_special": Field(BOOL, default=True),
         "parse_special": Field(BOOL, default=False),
         "ignore_eos": Field(BOOL, default=False),
-        "stream": Field(BOOL, default=True)},
+        "stream": Field(BOOL, default=True),
+        # keep this conversation's KV warm (and on disk) under a name
+        "session": Field(STR, nullable=True, check=_name),
+        # the worker gives up (error "timeout") this many ms after receiving it
+        "deadline_ms": Field(INT, nullable=True, check=_nonneg)},
         streaming=True, one_of=("prompt", "tokens")),
     Command("kv_pack", "worker", {"seq": _SEQ}),
     Command("kv_unpack", "worker", {

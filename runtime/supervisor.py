@@ -253,6 +253,7 @@ class Supervisor:
             "events_endpoint": self.events_address, "generation": h.generation,
             "heartbeat_interval": self.sup.heartbeat_interval,
             "log_level": self.sup.log_level,
+            "worker_options": h.model.worker,
         }
         env = dict(os.environ)
         env["LLAMAFLEET_WORKER_SPEC"] = json.dumps(spec)

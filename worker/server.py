@@ -18,17 +18,17 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from backends import Backend, get_backend
 from runtime import protocol
-from runtime.errors import (BadRequest, Cancelled, InternalError, LlamafleetError, NotFound,
-                            Overloaded, ShuttingDown)
+from runtime.errors import BadRequest, InternalError, LlamafleetError, NotFound, ShuttingDown
 from runtime.sampling import SamplingParams
 from worker.generation import Generation
+from worker.scheduler import Scheduler
 
 log = logging.getLogger("llamafleet.worker")
 
@@ -49,6 +49,8 @@ class WorkerSpec:
     generation: int = 0
     heartbeat_interval: float = 0.5
     log_level: str = "info"
+    #: worker-level settings (queue, prefix cache), see runtime.config.WORKER_OPTIONS
+    worker_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, text: str) -> "WorkerSpec":
@@ -81,8 +83,8 @@ class Worker:
         self.endpoint: str | None = None
         self.error: str | None = None
         self.progress = 0          # completed units of work (for the progress watchdog)
-        self.jobs: dict[int, tuple[bytes, Generation, bool]] = {}
-        self.seq_owner: dict[int, int] = {}  # sequence -> request id of the generation using it
+        self.scheduler: Scheduler | None = None
+        self.cache: Any = None
         self.n_seq_max = 1
         self._stop = threading.Event()
         self._draining = False
@@ -137,7 +139,8 @@ class Worker:
                 "heartbeat", model=self.spec.model, pid=os.getpid(),
                 generation=self.spec.generation, state=self.state,
                 load_progress=self.load_progress, endpoint=self.endpoint,
-                error=self.error, progress=self.progress, inflight=len(self.jobs)))
+                error=self.error, progress=self.progress,
+                inflight=self.scheduler.inflight() if self.scheduler else 0))
             self._state_changed.wait(interval)
             self._state_changed.clear()
 
@@ -152,7 +155,33 @@ class Worker:
         backend.load(progress)
         self.backend = backend
         self.n_seq_max = backend.info().n_seq_max
+        self.cache = self._make_cache()
+        self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
+                                   max_queue=int(self.spec.worker_options.get("max_queue", 64)))
         self.load_progress = 1.0
+
+    def _make_cache(self) -> Any:
+        opts = self.spec.worker_options
+        if not opts.get("prefix_cache", True):
+            return None
+        from worker.prefix_cache import PrefixCache
+        return PrefixCache(ram_bytes=int(opts.get("cache_ram_mb", 256)) << 20,
+                           disk_dir=opts.get("cache_dir"),
+                           disk_bytes=int(opts.get("cache_disk_mb", 2048)) << 20,
+                           min_tokens=int(opts.get("cache_min_tokens", 32)))
+
+    def _send(self, peer: bytes, req_id: int, kind: str, payload: Any) -> None:
+        if kind == "chunk":
+            data = protocol.chunk(req_id, payload)
+        elif kind == "result":
+            data = protocol.result(req_id, payload)
+        else:
+            data = protocol.error(req_id, payload)
+        self.progress += 1
+        try:
+            self.sock.send_multipart([peer, data], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("reply to a slow client dropped (request %s)", req_id)
 
     # -- serving -------------------------------------------------------------
     def _serve(self) -> None:
@@ -174,26 +203,22 @@ class Worker:
         log.info("worker %s ready on %s", self.spec.model, self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        order: deque[int] = deque()
+        sched = self.scheduler
+        assert sched is not None
         while True:
-            if self._draining and not self.jobs:
+            if self._draining and not sched.busy:
                 break
-            timeout = 0 if self.jobs else 100
-            if poller.poll(timeout):
+            if poller.poll(0 if sched.busy else 100):
                 for _ in range(MAX_MESSAGES_PER_TURN):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self._on_message(frames)
-            # one token for each running generation, round robin
-            order.extend(rid for rid in self.jobs if rid not in order)
-            for _ in range(len(order)):
-                rid = order.popleft()
-                if rid in self.jobs:
-                    self._step(rid)
-                    if rid in self.jobs:
-                        order.append(rid)
+            if sched.busy:
+                sched.tick()
+        if self.cache is not None:
+            self.cache.close()
         sock.close(linger=200)
 
     def _on_message(self, frames: list[bytes]) -> None:
@@ -226,7 +251,7 @@ class Worker:
     def _check_seq(self, seq: int) -> None:
         if seq >= self.n_seq_max:
             raise BadRequest(f"sequence {seq} out of range (n_seq_max={self.n_seq_max})")
-        owner = self.seq_owner.get(seq)
+        owner = self.scheduler.owner(seq) if self.scheduler else None
         if owner is not None:
             raise BadRequest(f"sequence {seq} is in use by running request {owner}")
 
@@ -240,17 +265,20 @@ class Worker:
             info = b.info().to_dict()
             info["model"] = self.spec.model
             info["adapters"] = b.adapters()
+            if self.scheduler is not None:
+                info["scheduler"] = {"running": len(self.scheduler.running),
+                                     "queued": len(self.scheduler.queue),
+                                     "max_queue": self.scheduler.max_queue,
+                                     "ticks": self.scheduler.ticks}
+            info["cache"] = self.cache.stats() if self.cache is not None else None
             return info
         if cmd == "tokenize":
             return {"tokens": b.tokenize(a["text"], a["add_special"], a["parse_special"])}
         if cmd == "detokenize":
             return {"text": b.detokenize(a["tokens"], special=a["special"])}
         if cmd == "cancel":
-            job = self.jobs.get(a["target"])
-            if job is None:
-                return {"cancelled": False}
-            self._finish(a["target"], cancelled=True)
-            return {"cancelled": True}
+            assert self.scheduler is not None
+            return {"cancelled": self.scheduler.cancel(a["target"])}
         if cmd in ("prefill", "decode", "kv_pack", "kv_unpack", "seq_clear",
                    "set_sampling", "set_grammar"):
             self._check_seq(a["seq"])
@@ -312,81 +340,41 @@ class Worker:
         raise NotFound(f"command {cmd!r} is not handled by workers")
 
     # -- generations ------------------------------------------------------------
-    def _free_seq(self) -> int:
-        b = self.backend
-        assert b is not None
-        for seq in range(self.n_seq_max):
-            if seq not in self.seq_owner and b.seq_len(seq) == 0:
-                return seq
-        raise Overloaded(f"all {self.n_seq_max} sequences are busy",
-                         data={"n_seq_max": self.n_seq_max, "running": len(self.jobs)})
-
     def _start_generation(self, peer: bytes, req_id: int, a: dict[str, Any]) -> None:
-        b = self.backend
-        assert b is not None
-        if req_id in self.jobs:
-            raise BadRequest(f"request id {req_id} is already running")
+        b, sched = self.backend, self.scheduler
+        assert b is not None and sched is not None
         if a["prompt"] is not None and a["tokens"] is not None:
             raise BadRequest("generate: give either prompt or tokens, not both")
+        if a["seq"] is not None and a["session"] is not None:
+            raise BadRequest("generate: a session uses its own sequence; do not give seq")
         if a["tokens"] is not None:
             prompt_tokens = list(a["tokens"])
             b.check_tokens(prompt_tokens)
         else:
             prompt_tokens = b.tokenize(a["prompt"], a["add_special"], a["parse_special"])
         params = SamplingParams.from_dict(a["sampling"])
-        if a["seq"] is None:
-            seq, owns = self._free_seq(), True
-            if not prompt_tokens:
-                raise BadRequest("generate: empty prompt")
-        else:
-            seq, owns = a["seq"], False
-            self._check_seq(seq)
-            if not prompt_tokens and b.seq_len(seq) == 0:
-                raise BadRequest(f"generate: sequence {seq} is empty and no prompt was given")
         info = b.info()
-        if b.seq_len(seq) + len(prompt_tokens) + 1 > info.n_ctx:
+        in_use = 0
+        if a["seq"] is not None:
+            self._check_seq(a["seq"])
+            in_use = b.seq_len(a["seq"])
+            if not prompt_tokens and in_use == 0:
+                raise BadRequest(f"generate: sequence {a['seq']} is empty and no prompt was given")
+        elif not prompt_tokens:
+            raise BadRequest("generate: empty prompt")
+        if in_use + len(prompt_tokens) + 1 > info.n_ctx:
             raise BadRequest(f"prompt of {len(prompt_tokens)} tokens does not fit the context "
-                             f"({info.n_ctx} tokens, {b.seq_len(seq)} in use)",
+                             f"({info.n_ctx} tokens, {in_use} in use)",
                              data={"n_ctx": info.n_ctx, "prompt_tokens": len(prompt_tokens)})
-        max_tokens = min(a["max_tokens"], info.n_ctx - b.seq_len(seq) - len(prompt_tokens))
-        gen = Generation(b, req_id=req_id, seq=seq, owns_seq=owns, prompt_tokens=prompt_tokens,
-                         params=params, max_tokens=max_tokens, stop=a["stop"],
-                         ignore_eos=a["ignore_eos"])
-        gen.start()  # BadRequest for a bad grammar, before anything is queued
-        self.jobs[req_id] = (peer, gen, a["stream"])
-        self.seq_owner[seq] = req_id
-
-    def _step(self, rid: int) -> None:
-        peer, gen, stream = self.jobs[rid]
-        try:
-            delta, token = gen.step()
-        except LlamafleetError as exc:
-            self._finish(rid, error=exc)
-            return
-        except Exception as exc:
-            log.exception("internal error in generation %s", rid)
-            self._finish(rid, error=InternalError(f"{type(exc).__name__}: {exc}"))
-            return
-        self.progress += 1
-        if stream and (token is not None or delta):
-            self.sock.send_multipart([peer, protocol.chunk(
-                rid, {"text": delta, "tokens": [] if token is None else [token]})])
-        if gen.done:
-            self._finish(rid)
-
-    def _finish(self, rid: int, *, error: LlamafleetError | None = None,
-                cancelled: bool = False) -> None:
-        peer, gen, _ = self.jobs.pop(rid)
-        self.seq_owner.pop(gen.seq, None)
-        if gen.owns_seq and self.backend is not None:
-            self.backend.seq_clear(gen.seq)
-        if cancelled:
-            error = Cancelled(f"request {rid} was cancelled",
-                              data={"tokens": gen.tokens, "text": gen.text.text})
-        if error is not None:
-            self.sock.send_multipart([peer, protocol.error(rid, error)])
-        else:
-            self.sock.send_multipart([peer, protocol.result(rid, gen.result())])
+        deadline = None
+        if a["deadline_ms"] is not None:
+            deadline = time.monotonic() + a["deadline_ms"] / 1000
+        g = Generation(peer=peer, req_id=req_id, stream=a["stream"], prompt_tokens=prompt_tokens,
+                       params=params,
+                       max_tokens=min(a["max_tokens"], info.n_ctx - in_use - len(prompt_tokens)),
+                       stop=a["stop"], ignore_eos=a["ignore_eos"], seq=a["seq"],
+                       deadline=deadline, session=a["session"])
+        sched.submit(g)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -739,6 +739,32 @@ class LlamaBackend(Backend):
             raise
         return n
 
+    def seq_truncate(self, seq: int, n_keep: int) -> None:
+        self._need()
+        s = self._check_seq(seq)
+        toks = self._tokens[s]
+        if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 1 <= n_keep <= len(toks):
+            raise BadRequest(f"cannot keep {n_keep!r} of {len(toks)} tokens")
+        L = self.lib
+        # drop from the last kept token on, then decode it again for fresh logits
+        if not L.llama_memory_seq_rm(self.mem, s, n_keep - 1, -1):
+            raise NotSupported("this model's memory cannot drop tokens (recurrent model)")
+        last = toks[n_keep - 1]
+        self._tokens[s] = toks[:n_keep - 1]
+        try:
+            self._decode([(s, np.asarray([last], dtype=np.int32))])
+        except BaseException:
+            L.llama_memory_seq_rm(self.mem, s, -1, -1)
+            self._tokens[s] = []
+            self._has_logits[s] = False
+            raise
+
+    def cache_namespace(self) -> str:
+        self._need()
+        shape = self._kv_shape()
+        return (f"llama:{shape.model_id.hex()}:{shape.adapter_id.hex()}:{int(shape.flash_attn)}:"
+                f"{shape.type_k}:{shape.type_v}:{int(shape.kv_unified)}:{shape.n_stream}")
+
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, path: str) -> dict[str, Any]:
         self._need()

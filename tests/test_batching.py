@@ -1,0 +1,154 @@
+"""Continuous batching, admission control, prefix cache and sessions (fake backend)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from runtime.errors import Overloaded, RequestTimeout
+from tests.conftest import kill, wait_for, worker_pid
+
+PROMPTS = [f"request number {i}: tell me something" for i in range(8)]
+
+
+def test_eight_concurrent_streams_match_their_solo_runs(fleet) -> None:
+    sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 8, "token_delay": 0.002}})
+    with sup.client(timeout=60) as c:
+        solo = [c.generate("tiny", p, max_tokens=30, temperature=0, ignore_eos=True)
+                for p in PROMPTS]
+        out: dict[int, tuple[str, list[int]]] = {}
+
+        def run(i: int) -> None:
+            s = c.stream("tiny", PROMPTS[i], max_tokens=30, temperature=0, ignore_eos=True)
+            text = "".join(s)
+            out[i] = (text, s.result.tokens if s.result else [])
+
+        ticks_before = c.info("tiny")["scheduler"]["ticks"]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        ticks = c.info("tiny")["scheduler"]["ticks"] - ticks_before
+        for i in range(8):
+            assert out[i] == (solo[i].text, solo[i].tokens)
+        # batched: far fewer ticks than 8 requests x 31 evaluations one by one
+        assert ticks < 8 * 31 / 2
+
+
+def test_queue_limit_answers_overloaded_at_once(fleet) -> None:
+    sup = fleet({"one": {"backend": "fake", "n_seq_max": 1, "max_queue": 1,
+                         "token_delay": 0.02}})
+    with sup.client(timeout=30) as c:
+        running = c.stream("one", "a", max_tokens=500, ignore_eos=True)
+        next(running)
+        queued = c.stream("one", "b", max_tokens=3, temperature=0)
+        queued_thread = threading.Thread(target=lambda: queued.collect())
+        queued_thread.start()
+        wait_for(lambda: c.info("one")["scheduler"]["queued"] == 1, timeout=5)
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            c.generate("one", "c", max_tokens=3)
+        assert time.monotonic() - t0 < 1.0
+        assert info.value.retryable and info.value.data["queue_length"] == 1
+        running.cancel()  # frees the slot: the queued request runs
+        queued_thread.join(10)
+        assert queued.result is not None and len(queued.result.tokens) == 3
+        assert queued.result.stats["queue_ms"] > 0
+
+
+def test_a_long_prompt_does_not_stall_running_streams(fleet) -> None:
+    sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 2, "n_batch": 16,
+                          "token_delay": 0.01, "n_ctx": 4096}})
+    with sup.client(timeout=60) as c:
+        stream = c.stream("tiny", "go", max_tokens=400, ignore_eos=True, temperature=0)
+        next(stream)
+        seen: list[float] = []
+        done = threading.Event()
+
+        def consume() -> None:
+            for _ in stream:
+                seen.append(time.monotonic())
+                if done.is_set():
+                    break
+
+        t = threading.Thread(target=consume)
+        t.start()
+        t0 = time.monotonic()
+        long = c.generate("tiny", "x" * 1500, max_tokens=1, temperature=0)  # ~95 chunks
+        t1 = time.monotonic()
+        done.set()
+        t.join(10)
+        stream.cancel()
+        during = [s for s in seen if t0 <= s <= t1]
+        assert long.stats["prompt_tokens"] == 1501
+        # the running stream kept producing tokens during the whole chunked prefill
+        assert len(during) > 40
+
+
+def test_deadline_ends_a_request_on_the_worker(fleet) -> None:
+    sup = fleet({"one": {"backend": "fake", "n_seq_max": 1, "token_delay": 0.02}})
+    with sup.client(timeout=30) as c:
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            c.generate("one", "a", max_tokens=60_000, ignore_eos=True, timeout=0.5)
+        assert time.monotonic() - t0 < 2.0
+        wait_for(lambda: c.info("one")["scheduler"]["running"] == 0, timeout=3)
+
+
+def test_cached_prefix_is_hit_and_gives_the_cold_output(fleet) -> None:
+    sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 8},
+                 "cold": {"backend": "fake", "prefix_cache": False}})
+    system = "You are a careful assistant. Answer in one line. " * 3
+    with sup.client(timeout=30) as c:
+        first = c.generate("tiny", system + "Q1?", max_tokens=10, temperature=0)
+        assert first.stats["cached_tokens"] == 0
+        second = c.generate("tiny", system + "Q2, a different question?", max_tokens=10,
+                            temperature=0)
+        shared = len(c.tokenize("tiny", system + "Q"))
+        assert second.stats["cached_tokens"] == shared
+        cold = c.generate("cold", system + "Q2, a different question?", max_tokens=10,
+                          temperature=0)
+        assert cold.stats["cached_tokens"] == 0 and second.tokens == cold.tokens
+        stats = c.info("tiny")["cache"]
+        assert stats["hits_ram"] >= 1 and stats["ram_entries"] >= 1
+
+
+def test_session_survives_sigkill_of_its_worker(fleet, short_dir: Path) -> None:
+    sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 8}})
+    history = "user: plan a trip to the mountains for three days please\nassistant:"
+    with sup.client(timeout=30) as c:
+        t1 = c.generate("tiny", history, max_tokens=12, temperature=0, session="trip")
+        assert t1.tokens
+        persisted = len(c.tokenize("tiny", history)) + len(t1.tokens)
+        kill(worker_pid(sup, "tiny"))
+        wait_for(lambda: c.status()[0]["restarts"] == 1 and c.status()[0]["state"] == "ready")
+        turn2 = history + t1.text + "\nuser: and the budget?\nassistant:"
+        t2 = c.generate("tiny", turn2, max_tokens=12, temperature=0, session="trip")
+        # resumed from the persisted state instead of re-prefilling everything
+        assert t2.stats["cached_tokens"] >= persisted - 1
+        assert c.info("tiny")["cache"]["hits_disk"] >= 1
+
+
+def test_corrupted_cache_file_is_detected_and_ignored(fleet, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "kv"
+    sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 8,
+                          "cache_dir": str(cache_dir)}})
+    prompt = "the quick brown fox jumps over the lazy dog " * 2
+    with sup.client(timeout=30) as c:
+        cold = c.generate("tiny", prompt, max_tokens=10, temperature=0, session="s")
+        wait_for(lambda: list(cache_dir.glob("*.kv")), timeout=5)
+        for f in cache_dir.glob("*.kv"):
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+        kill(worker_pid(sup, "tiny"))
+        wait_for(lambda: c.status()[0]["restarts"] == 1 and c.status()[0]["state"] == "ready")
+        again = c.generate("tiny", prompt, max_tokens=10, temperature=0, session="s")
+        assert again.tokens == cold.tokens
+        assert again.stats["cached_tokens"] == 0
+        assert c.info("tiny")["cache"]["corrupt_files"] >= 1

@@ -1,0 +1,334 @@
+"""Continuous batching over a backend's sequence slots.
+
+Every tick builds ONE batch for the backend: the next token of every decoding
+sequence plus chunks of pending prompts (chunked prefill, so a long prompt
+does not stall the others), evaluates it with one ``backend.evaluate`` call,
+then samples every sequence whose input is complete. New requests join
+between ticks; finished or cancelled ones free their slot at once. Requests
+wait in a bounded FIFO queue for a free slot; past ``max_queue`` they are
+refused with ``overloaded``.
+
+With a prefix cache, a request whose prompt shares a long enough prefix with
+a cached KV state restores it (``kv_unpack`` + ``seq_truncate``) and prefills
+only the rest; finished requests publish their state back to the cache, and
+named sessions publish durably so a restarted worker resumes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from backends.base import Backend
+from runtime.errors import (BadRequest, Cancelled, InternalError, LlamafleetError, NotSupported,
+                            Overloaded, RequestTimeout)
+from worker.generation import Generation
+
+log = logging.getLogger("llamafleet.worker.scheduler")
+
+Send = Callable[[bytes, int, str, Any], None]  # (peer, request id, kind, payload)
+
+
+class KVCache(Protocol):
+    """What the scheduler needs of a prefix cache (see worker/prefix_cache.py)."""
+
+    min_tokens: int
+
+    def lookup(self, namespace: str, tokens: Any) -> Any: ...
+    def session_entry(self, namespace: str, session: str) -> Any: ...
+    def insert(self, namespace: str, tokens: Any, blob: bytes, *, session: str | None = None,
+               durable: bool = False) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+
+
+class Scheduler:
+    """Owns the backend's sequences while generations run."""
+
+    def __init__(self, backend: Backend, *, send: Send, max_queue: int = 64,
+                 cache: KVCache | None = None) -> None:
+        info = backend.info()
+        self.backend = backend
+        self.n_seq_max = info.n_seq_max
+        self.n_batch = max(1, info.n_batch)
+        self.max_queue = max_queue
+        self.cache = cache
+        self._send = send
+        self.queue: deque[Generation] = deque()
+        self.running: dict[int, Generation] = {}
+        self.seq_owner: dict[int, int] = {}
+        self._rr = 0
+        self.ticks = 0
+
+    # -- requests ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def inflight(self) -> int:
+        return len(self.queue) + len(self.running)
+
+    def owner(self, seq: int) -> int | None:
+        return self.seq_owner.get(seq)
+
+    def submit(self, g: Generation) -> None:
+        """Queue a validated generation (raises Overloaded/BadRequest at once)."""
+        if g.req_id in self.running or any(q.req_id == g.req_id for q in self.queue):
+            raise BadRequest(f"request id {g.req_id} is already running")
+        if g.explicit_seq:
+            assert g.seq is not None
+            owner = self.seq_owner.get(g.seq)
+            if owner is not None:
+                raise BadRequest(f"sequence {g.seq} is in use by running request {owner}")
+            self._start(g, g.seq)  # the caller's own slot: no queueing
+            return
+        if len(self.queue) >= self.max_queue:
+            raise Overloaded(f"queue full ({len(self.queue)} waiting, {len(self.running)} "
+                             f"running)", data={"queue_length": len(self.queue),
+                                                "max_queue": self.max_queue,
+                                                "running": len(self.running)})
+        self.queue.append(g)
+
+    def cancel(self, req_id: int) -> bool:
+        """Stop a queued or running generation; its caller gets ``cancelled``."""
+        for g in self.queue:
+            if g.req_id == req_id:
+                self.queue.remove(g)
+                self._fail(g, Cancelled(f"request {req_id} was cancelled"))
+                return True
+        g = self.running.get(req_id)
+        if g is None:
+            return False
+        self._fail(g, Cancelled(f"request {req_id} was cancelled",
+                                data={"tokens": g.tokens, "text": g.text.text}))
+        return True
+
+    def fail_all(self, err: LlamafleetError) -> None:
+        for g in list(self.queue) + list(self.running.values()):
+            self._fail(g, err)
+        self.queue.clear()
+
+    # -- admission ---------------------------------------------------------------------
+    def _free_seq(self) -> int | None:
+        for seq in range(self.n_seq_max):
+            if seq not in self.seq_owner and self.backend.seq_len(seq) == 0:
+                return seq
+        return None
+
+    def _admit(self) -> None:
+        while self.queue:
+            seq = self._free_seq()
+            if seq is None:
+                return
+            g = self.queue.popleft()
+            try:
+                self._start(g, seq)
+            except LlamafleetError as exc:
+                self._fail(g, exc)
+
+    def _start(self, g: Generation, seq: int) -> None:
+        g.seq = seq
+        g.stats.t_admitted = time.perf_counter()
+        self.seq_owner[seq] = g.req_id
+        self.running[g.req_id] = g
+        try:
+            if not g.explicit_seq:
+                self._restore_prefix(g)
+            # after the restore: restoring may reset the sequence's sampler
+            self.backend.set_sampling(seq, g.params)
+        except BaseException:
+            self.running.pop(g.req_id, None)
+            self._release(g)
+            raise
+        if not g.pending:
+            g.prompt_done = True
+            g.in_flight = True  # logits are fresh (restored); sample this tick
+
+    def _namespace(self) -> str | None:
+        if self.cache is None:
+            return None
+        try:
+            return self.backend.cache_namespace()
+        except NotSupported:
+            return None
+
+    def _restore_prefix(self, g: Generation) -> None:
+        ns = self._namespace()
+        if ns is None or self.cache is None:
+            return
+        prompt = g.prompt_tokens
+        hits = [self.cache.lookup(ns, prompt)]
+        if g.session is not None:
+            entry = self.cache.session_entry(ns, g.session)
+            if entry is not None:
+                common = _common_prefix(entry.tokens, prompt)
+                hits.append(type(entry)(tokens=entry.tokens, common=common, blob=entry.blob,
+                                        tier=entry.tier))
+        hits = [h for h in hits if h is not None and h.common >= max(1, self.cache.min_tokens)]
+        if not hits:
+            return
+        hit = max(hits, key=lambda h: h.common)
+        assert g.seq is not None
+        try:
+            self.backend.kv_unpack(g.seq, hit.blob)
+            if hit.common < len(hit.tokens):
+                self.backend.seq_truncate(g.seq, hit.common)
+        except LlamafleetError as exc:
+            log.warning("prefix cache entry not restorable (%s); prefilling instead", exc)
+            self.backend.seq_clear(g.seq)
+            return
+        g.pending = list(prompt[hit.common:])
+        g.stats.cached_tokens = hit.common
+        g.extra["cache"] = hit.tier
+
+    # -- the tick ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Admit, evaluate one batch, sample, stream."""
+        self.ticks += 1
+        self._expire()
+        self._admit()
+        if not self.running:
+            return
+        order = list(self.running.values())
+        batch: list[tuple[Generation, list[int]]] = []
+        budget = self.n_batch
+        # decode tokens first: every running sequence advances every tick
+        for g in order:
+            if g.prompt_done and g.pending and budget > 0:
+                batch.append((g, g.take(1)))
+                budget -= 1
+        # then prompt chunks, rotating who goes first so no prompt starves
+        prefilling = [g for g in order if not g.prompt_done and g.pending]
+        if prefilling:
+            start = self._rr % len(prefilling)
+            self._rr += 1
+            for g in prefilling[start:] + prefilling[:start]:
+                if budget <= 0:
+                    break
+                chunk = g.take(budget)
+                batch.append((g, chunk))
+                budget -= len(chunk)
+        if batch:
+            self._evaluate(batch)
+        for g in order:
+            if g.done or g.req_id not in self.running:
+                continue
+            if g.in_flight and not g.pending:
+                g.in_flight = False
+                if g.finishing or len(g.tokens) >= g.max_tokens:
+                    g.prompt_done = True
+                    g.end("length")
+                else:
+                    g.prompt_done = True
+                    self._sample(g)
+            if g.done:
+                self._finish(g)
+
+    def _evaluate(self, batch: list[tuple[Generation, list[int]]]) -> None:
+        try:
+            self.backend.evaluate([(g.seq, toks) for g, toks in batch])  # type: ignore[misc]
+            for g, _ in batch:
+                g.in_flight = True
+            return
+        except LlamafleetError as exc:
+            if len(batch) == 1:
+                self._fail(batch[0][0], exc)
+                return
+            log.warning("batch of %d failed (%s); evaluating sequences one by one",
+                        len(batch), exc)
+        except Exception as exc:
+            log.exception("batch evaluation failed")
+            if len(batch) == 1:
+                self._fail(batch[0][0], InternalError(f"{type(exc).__name__}: {exc}"))
+                return
+        for g, toks in batch:  # isolate the request that broke the batch
+            try:
+                self.backend.evaluate([(g.seq, toks)])  # type: ignore[list-item]
+                g.in_flight = True
+            except LlamafleetError as exc:
+                self._fail(g, exc)
+            except Exception as exc:
+                log.exception("evaluation failed")
+                self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _sample(self, g: Generation) -> None:
+        b = self.backend
+        assert g.seq is not None
+        n_before = len(g.tokens)
+        try:
+            token = b.sample(g.seq)
+            piece = b.token_to_piece(token, special=False) if token is not None else b""
+            delta = g.on_token(token, token is not None and b.is_eog(token), piece)
+        except LlamafleetError as exc:
+            self._fail(g, exc)
+            return
+        appended = g.tokens[n_before:]
+        if g.stream and (delta or appended):
+            self._send(g.peer, g.req_id, "chunk", {"text": delta, "tokens": appended})
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for g in list(self.queue) + list(self.running.values()):
+            if g.deadline is not None and now > g.deadline:
+                if g in self.queue:
+                    self.queue.remove(g)
+                self._fail(g, RequestTimeout(
+                    f"request {g.req_id} passed its deadline",
+                    data={"tokens": g.tokens, "text": g.text.text}))
+
+    # -- endings ---------------------------------------------------------------------------
+    def _finish(self, g: Generation) -> None:
+        self.running.pop(g.req_id, None)
+        self._publish(g)
+        self._release(g)
+        self._send(g.peer, g.req_id, "result", g.result())
+
+    def _fail(self, g: Generation, err: LlamafleetError) -> None:
+        g.end("error")
+        if self.running.pop(g.req_id, None) is not None:
+            self._release(g)
+        self._send(g.peer, g.req_id, "error", err)
+
+    def _release(self, g: Generation) -> None:
+        if g.seq is None:
+            return
+        if self.seq_owner.get(g.seq) == g.req_id:
+            del self.seq_owner[g.seq]
+        if not g.explicit_seq:
+            self.backend.seq_clear(g.seq)
+
+    def _publish(self, g: Generation) -> None:
+        """Offer the finished sequence's KV to the cache (durably for sessions)."""
+        if self.cache is None or g.explicit_seq or g.seq is None:
+            return
+        ns = self._namespace()
+        if ns is None:
+            return
+        tokens = self.backend.seq_tokens(g.seq)
+        if len(tokens) < self.cache.min_tokens and g.session is None:
+            return
+        if not tokens:
+            return
+        try:
+            blob = self.backend.kv_pack(g.seq)
+        except LlamafleetError as exc:
+            log.warning("kv_pack for the cache failed: %s", exc)
+            return
+        try:
+            self.cache.insert(ns, tokens, blob, session=g.session, durable=g.session is not None)
+            if g.session is not None:
+                g.extra["session_saved"] = True
+        except OSError as exc:
+            log.warning("session %s not persisted: %s", g.session, exc)
+            g.extra["session_saved"] = False
+            g.extra["session_error"] = str(exc)
+
+
+def _common_prefix(a: Any, b: Any) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

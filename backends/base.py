@@ -205,3 +205,7 @@ class Backend(ABC):
     # -- control -----------------------------------------------------------
     def set_abort(self, should_abort: Callable[[], bool] | None) -> None:
         """Install a predicate polled during long native work; True aborts it."""
+
+    def abort(self, flag: bool) -> None:
+        """Thread-safe switch, callable from any thread: while set, long work in
+        ``evaluate`` stops as soon as it can and raises Cancelled, appending nothing."""

@@ -18,9 +18,10 @@ faithful where a service's tests need it to be:
 Options (all optional): ``name``, ``seed`` (int), ``n_ctx`` (2048),
 ``n_seq_max`` (4), ``n_batch`` (512), ``n_embd`` (16), ``chat_template``
 (ChatML), ``token_delay`` (seconds slept per evaluated token batch, to make
-streams slow in tests), ``load_delay`` (seconds), and fault injection for
+streams slow in tests), ``load_delay`` and ``pack_delay`` (seconds), and fault injection for
 supervisor tests: ``crash_on_load`` ("segv", "abort" or "exit") crashes the
-process while loading.
+process while loading; ``wedge_after`` (N) makes every evaluation after the
+N-th hang forever, like a wedged native decode.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _OPTIONS: dict[str, tuple[type, ...]] = {
     "name": (str,), "seed": (int,), "n_ctx": (int,), "n_seq_max": (int,),
     "n_batch": (int,), "n_embd": (int,), "chat_template": (str,),
     "token_delay": (int, float), "load_delay": (int, float), "crash_on_load": (str,),
-    "path": (str,),
+    "path": (str,), "pack_delay": (int, float), "wedge_after": (int,),
 }
 
 
@@ -95,6 +96,9 @@ class FakeBackend(Backend):
         self.n_embd: int = o.get("n_embd", 16)
         self.template: str = o.get("chat_template", CHATML_TEMPLATE)
         self.token_delay = float(o.get("token_delay", 0.0))
+        self.pack_delay = float(o.get("pack_delay", 0.0))
+        self.wedge_after: int | None = o.get("wedge_after")
+        self._evaluations = 0
         for key in ("n_ctx", "n_seq_max", "n_batch", "n_embd"):
             if not 1 <= getattr(self, key) <= 1 << 20:
                 raise BadRequest(f"fake backend: {key} out of range")
@@ -104,6 +108,7 @@ class FakeBackend(Backend):
         self._adapters: dict[str, dict[str, Any]] = {}
         self._active: dict[str, float] = {}
         self._abort: Callable[[], bool] | None = None
+        self._abort_flag = False
         self._loaded = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -191,11 +196,15 @@ class FakeBackend(Backend):
                 raise BadRequest(f"sequence {seq} would exceed the context "
                                  f"({len(s.tokens)} + {len(tokens)} > {self.n_ctx})")
             total += len(tokens)
+        self._evaluations += 1
+        if self.wedge_after is not None and self._evaluations > self.wedge_after:
+            while True:  # fault injection: a decode that never returns (heartbeats go on)
+                time.sleep(3600)
         if self.token_delay:
             # simulate compute in small slices so the abort predicate is honoured
             end = time.monotonic() + self.token_delay * max(1, math.ceil(total / self.n_batch))
             while time.monotonic() < end:
-                if self._abort is not None and self._abort():
+                if self._abort_flag or (self._abort is not None and self._abort()):
                     raise Cancelled("evaluation aborted")
                 time.sleep(min(0.005, max(0.0, end - time.monotonic())))
         for seq, tokens in batch:
@@ -303,6 +312,8 @@ class FakeBackend(Backend):
     # -- KV state --------------------------------------------------------------------
     def kv_pack(self, seq: int) -> bytes:
         s = self._seq(seq)
+        if self.pack_delay:
+            time.sleep(self.pack_delay)
         payload = struct.pack(f"<{len(s.tokens)}I", *s.tokens)
         crc = zlib.crc32(payload, zlib.crc32(self.model_id))
         return _KV_HEADER.pack(_KV_MAGIC, _KV_VERSION, 0, self.model_id, self.n_ctx,
@@ -394,6 +405,9 @@ class FakeBackend(Backend):
 
     def set_abort(self, should_abort: Callable[[], bool] | None) -> None:
         self._abort = should_abort
+
+    def abort(self, flag: bool) -> None:
+        self._abort_flag = bool(flag)
 
 
 def _crash(kind: str) -> None:

@@ -173,6 +173,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import main as bench_main  # lazy: bench pulls in the peers
+    return bench_main(args=args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamafleet", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -209,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4096)
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
+
+    try:  # bench.run imports only the standard library at module level
+        from bench.run import build_parser as bench_parser
+    except ImportError:
+        bench_parser = None
+    if bench_parser is not None:
+        p = sub.add_parser("bench", help="benchmark a model against llama.cpp peers "
+                                         "(docs/benchmarks.md)")
+        bench_parser(p)
+        p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("stop", help="shut a running fleet down gracefully")
     with_address(p)

@@ -26,6 +26,7 @@ WORKER_OPTIONS: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_dir": ((str,), None),          # disk tier (default <runtime_dir>/cache/<model>)
     "cache_disk_mb": ((int,), 2048),      # disk tier budget
     "cache_min_tokens": ((int,), 32),     # shortest prefix worth caching/restoring
+    "adapter_dirs": ((list,), None),      # where load_adapter may read (default: model's dir)
 }
 
 
@@ -62,6 +63,8 @@ class SupervisorConfig:
     tcp_host: str = "127.0.0.1"
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0
+    #: a worker with requests in flight that makes no progress this long is restarted
+    progress_timeout: float = 120.0
     startup_timeout: float = 300.0
     restart_backoff_initial: float = 0.2
     restart_backoff_max: float = 10.0
@@ -136,6 +139,12 @@ class Config:
                 if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                     raise ConfigError(f"[models.{name}] {key} must be >= 0")
                 worker[key] = value
+            dirs = worker["adapter_dirs"]
+            if dirs is None:
+                dirs = [str(Path(opts["path"]).parent)] if opts.get("path") else []
+            if not all(isinstance(d, str) and d for d in dirs):
+                raise ConfigError(f"[models.{name}] adapter_dirs must be a list of paths")
+            worker["adapter_dirs"] = [str(_resolve(Path(d).expanduser(), base_dir)) for d in dirs]
             if worker["cache_dir"] is None:
                 worker["cache_dir"] = str(sup.runtime_dir / "cache" / name)
             else:
@@ -172,6 +181,10 @@ class Config:
             if a.startswith("ipc://") and len(a[6:].encode()) > IPC_PATH_MAX:
                 raise ConfigError(f"ipc path too long ({len(a) - 6} > {IPC_PATH_MAX} bytes): "
                                   f"{a}; choose a shorter runtime_dir")
+
+
+def _resolve(p: Path, base_dir: Path | None) -> Path:
+    return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
 def _supervisor_from(raw: Any) -> SupervisorConfig:

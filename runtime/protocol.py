@@ -287,8 +287,12 @@ def _type_names(types: tuple[type, ...]) -> str:
 
 # -- encoding -------------------------------------------------------------------------
 def pack(obj: dict[str, Any]) -> bytes:
-    """Encode one message."""
-    return msgpack.packb(obj, use_bin_type=True)
+    """Encode one message; BadRequest if it holds something msgpack cannot carry
+    (a lone surrogate in a string, an unsupported type, an oversized integer)."""
+    try:
+        return msgpack.packb(obj, use_bin_type=True)
+    except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"message cannot be encoded: {type(exc).__name__}: {exc}") from None
 
 
 def unpack(data: bytes) -> dict[str, Any]:

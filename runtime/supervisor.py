@@ -75,6 +75,7 @@ class WorkerHandle:
     load_error: str | None = None
     inflight: int = 0
     progress: int = 0
+    progress_at: float = 0.0
     kill_reason: str | None = None
     waiters: list[tuple[bytes, Any, float, int]] = field(default_factory=list)
 
@@ -218,7 +219,7 @@ class Supervisor:
         h.next_start_at = None
         h.inflight = 0
         now = time.monotonic()
-        h.started_at = h.last_heartbeat = now
+        h.started_at = h.last_heartbeat = h.progress_at = now
         try:
             h.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker"], env=self._worker_env(h),
@@ -253,6 +254,7 @@ class Supervisor:
             "events_endpoint": self.events_address, "generation": h.generation,
             "heartbeat_interval": self.sup.heartbeat_interval,
             "log_level": self.sup.log_level,
+            "shutdown_grace": self.sup.shutdown_grace,
             "worker_options": h.model.worker,
         }
         env = dict(os.environ)
@@ -305,8 +307,14 @@ class Supervisor:
                     self._on_exit(h, reason)
                     continue
                 silent = now - h.last_heartbeat
+                stuck = now - h.progress_at
                 if silent > self.sup.heartbeat_timeout and h.kill_reason is None:
                     self._kill(h, f"no heartbeat for {silent:.1f}s")
+                elif (h.state == "ready" and h.inflight and h.kill_reason is None
+                      and stuck > self.sup.progress_timeout):
+                    # alive but wedged (llama.cpp can hang inside a decode)
+                    self._kill(h, f"no progress for {stuck:.1f}s with {h.inflight} "
+                                  "request(s) in flight")
                 elif (h.state in ("starting", "restarting") and h.kill_reason is None
                       and now - h.started_at > self.sup.startup_timeout):
                     self._kill(h, f"not ready after {self.sup.startup_timeout:.0f}s")
@@ -393,8 +401,11 @@ class Supervisor:
         if msg.get("type") != "heartbeat":
             return
         h.load_progress = float(msg.get("load_progress") or 0.0)
-        h.inflight = int(msg.get("inflight") or 0)
-        h.progress = int(msg.get("progress") or 0)
+        inflight = int(msg.get("inflight") or 0)
+        progress = int(msg.get("progress") or 0)
+        if progress != h.progress or inflight == 0 or h.inflight == 0:
+            h.progress_at = h.last_heartbeat
+        h.inflight, h.progress = inflight, progress
         wstate = msg.get("state")
         if wstate == "error" and h.load_error is None:
             h.load_error = str(msg.get("error") or "unknown error")

@@ -16,8 +16,9 @@ MODELS = {"tiny": {"backend": "fake", "n_seq_max": 4},
 
 
 @pytest.fixture
-def client(fleet) -> Client:
-    sup = fleet(MODELS)
+def client(fleet, tmp_path: Path) -> Client:
+    models = {**MODELS, "tiny": {**MODELS["tiny"], "adapter_dirs": [str(tmp_path)]}}
+    sup = fleet(models)
     with sup.client(timeout=30) as c:
         yield c
 
@@ -151,6 +152,15 @@ def test_adapters_change_output_by_name_and_scale(client: Client, tmp_path: Path
     client.unload_adapter("tiny", "style")
     with pytest.raises(NotFound):
         client.unload_adapter("tiny", "style")
+    # paths from requests are confined to adapter_dirs: traversal and symlinks refused
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.gguf"
+    outside.write_bytes(b"GGUF")
+    (tmp_path / "link.gguf").symlink_to(outside)
+    for bad in (str(outside), str(tmp_path / ".." / outside.name), str(tmp_path / "link.gguf"),
+                "/etc/passwd"):
+        with pytest.raises(BadRequest, match="outside the allowed"):
+            client.load_adapter("tiny", "evil", bad)
+    outside.unlink()
     assert set(client.info("tiny")["adapters"]) == {"other"}
 
 

@@ -65,7 +65,8 @@ class Generation:
         #: tokens evaluated in the current tick; sample when it empties pending
         self.in_flight = False
         self.prompt_done = False
-        self.finishing = False  # last token queued for evaluation, then done
+        #: finish reason to apply once the last token is evaluated into the KV
+        self.finishing: str | None = None
         self.extra: dict[str, Any] = {}
 
     @property
@@ -94,16 +95,17 @@ class Generation:
         self.tokens.append(token)
         self.stats.generated_tokens += 1
         delta = self.text.push(piece)
-        if self.text.stopped is not None:
-            return delta + self.end("stop")
-        if len(self.tokens) >= self.max_tokens:
-            if self.keeps_kv:
-                self.pending = [token]
-                self.finishing = True
-                return delta + self.text.finish()
-            return delta + self.end("length")
-        self.pending = [token]
-        return delta
+        reason = "stop" if self.text.stopped is not None else \
+            "length" if len(self.tokens) >= self.max_tokens else None
+        if reason is None:
+            self.pending = [token]
+            return delta
+        if self.keeps_kv:
+            # every returned token must be in the sequence's KV: evaluate it first
+            self.pending = [token]
+            self.finishing = reason
+            return delta + self.text.finish()
+        return delta + self.end(reason)
 
     def end(self, reason: str) -> str:
         """Mark finished; returns whatever text was still held back."""

@@ -614,6 +614,9 @@ class PrefixCache:
                 e.atime = max(e.atime, time.time())
                 self._disk_total += size
                 self._disk_count += 1
+                if e.blob is not None and e.blob_gen < job.gen:  # stale copy promoted meanwhile
+                    self._ram_put(e, job.blob, job.gen)
+                    self._enforce_ram()
                 self._enforce_disk()
         except BaseException:
             try:

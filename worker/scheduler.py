@@ -61,6 +61,8 @@ class Scheduler:
         self.seq_owner: dict[int, int] = {}
         self._rr = 0
         self.ticks = 0
+        #: monotonic time after which the running batch may be aborted (or None)
+        self.abort_at: float | None = None
 
     # -- requests ------------------------------------------------------------------
     @property
@@ -91,18 +93,19 @@ class Scheduler:
                                                 "running": len(self.running)})
         self.queue.append(g)
 
-    def cancel(self, req_id: int) -> bool:
-        """Stop a queued or running generation; its caller gets ``cancelled``."""
+    def cancel(self, req_id: int, *, notify: bool = True) -> bool:
+        """Stop a queued or running generation; its caller gets ``cancelled``
+        (unless ``notify`` is False: the caller is gone)."""
         for g in self.queue:
             if g.req_id == req_id:
                 self.queue.remove(g)
-                self._fail(g, Cancelled(f"request {req_id} was cancelled"))
+                self._fail(g, Cancelled(f"request {req_id} was cancelled"), notify=notify)
                 return True
         g = self.running.get(req_id)
         if g is None:
             return False
         self._fail(g, Cancelled(f"request {req_id} was cancelled",
-                                data={"tokens": g.tokens, "text": g.text.text}))
+                                data={"tokens": g.tokens, "text": g.text.text}), notify=notify)
         return True
 
     def fail_all(self, err: LlamafleetError) -> None:
@@ -212,6 +215,7 @@ class Scheduler:
                 budget -= len(chunk)
         if batch:
             self._evaluate(batch)
+            self.abort_at = None
         for g in order:
             if g.done or g.req_id not in self.running:
                 continue
@@ -219,20 +223,37 @@ class Scheduler:
                 g.in_flight = False
                 if g.finishing or len(g.tokens) >= g.max_tokens:
                     g.prompt_done = True
-                    g.end("length")
+                    g.end(g.finishing or "length")
                 else:
                     g.prompt_done = True
                     self._sample(g)
             if g.done:
                 self._finish(g)
 
+    def _arm_abort(self, batch: list[tuple[Generation, list[int]]]) -> None:
+        """Publish when this batch may be stopped mid-compute: once every request
+        in it is past its deadline (nobody waits for the result any more). The
+        worker's watcher thread raises the backend's abort flag at that time."""
+        deadlines = [g.deadline for g, _ in batch]
+        self.abort_at = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
+        self.backend.abort(False)
+
     def _evaluate(self, batch: list[tuple[Generation, list[int]]]) -> None:
+        self._arm_abort(batch)
         try:
             self.backend.evaluate([(g.seq, toks) for g, toks in batch])  # type: ignore[misc]
             for g, _ in batch:
                 g.in_flight = True
             return
+        except Cancelled:
+            self.abort_at = None
+            # aborted mid-compute (deadline or shutdown): nothing was appended; put the
+            # input back and let _expire / the shutdown path answer the callers
+            for g, toks in batch:
+                g.pending = toks + g.pending
+            return
         except LlamafleetError as exc:
+            self.abort_at = None
             if len(batch) == 1:
                 self._fail(batch[0][0], exc)
                 return
@@ -285,11 +306,12 @@ class Scheduler:
         self._release(g)
         self._send(g.peer, g.req_id, "result", g.result())
 
-    def _fail(self, g: Generation, err: LlamafleetError) -> None:
+    def _fail(self, g: Generation, err: LlamafleetError, notify: bool = True) -> None:
         g.end("error")
         if self.running.pop(g.req_id, None) is not None:
             self._release(g)
-        self._send(g.peer, g.req_id, "error", err)
+        if notify:
+            self._send(g.peer, g.req_id, "error", err)
 
     def _release(self, g: Generation) -> None:
         if g.seq is None:

@@ -35,6 +35,8 @@ log = logging.getLogger("llamafleet.worker")
 #: Messages read from the socket per loop turn while generations are running,
 #: so a flood of requests cannot starve token production.
 MAX_MESSAGES_PER_TURN = 64
+#: How often the watcher thread checks signals, deadlines and its parent (s).
+WATCH_INTERVAL = 0.05
 
 
 @dataclass
@@ -49,6 +51,8 @@ class WorkerSpec:
     generation: int = 0
     heartbeat_interval: float = 0.5
     log_level: str = "info"
+    #: seconds the supervisor waits after SIGTERM before SIGKILL
+    shutdown_grace: float = 10.0
     #: worker-level settings (queue, prefix cache), see runtime.config.WORKER_OPTIONS
     worker_options: dict[str, Any] = field(default_factory=dict)
 
@@ -85,9 +89,11 @@ class Worker:
         self.progress = 0          # completed units of work (for the progress watchdog)
         self.scheduler: Scheduler | None = None
         self.cache: Any = None
+        self._gone: set[int] = set()  # requests whose client disconnected
         self.n_seq_max = 1
         self._stop = threading.Event()
         self._draining = False
+        self._sigterm_at: float | None = None
         self._parent = os.getppid()
         self._state_changed = threading.Event()
 
@@ -95,6 +101,13 @@ class Worker:
     def run(self) -> int:
         _set_parent_death_signal()
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        # The Python handler only runs between bytecodes: during a long native
+        # decode it is deferred. The wakeup fd is written at once, so the watcher
+        # thread sees SIGTERM and can abort the decode.
+        self._sig_r, sig_w = os.pipe()
+        os.set_blocking(self._sig_r, False)
+        os.set_blocking(sig_w, False)
+        signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         hb.start()
@@ -115,6 +128,14 @@ class Worker:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._draining = True
+        if self._sigterm_at is None:
+            self._sigterm_at = time.monotonic()
+
+    def _hard_stop(self) -> float | None:
+        """When in-flight work must be abandoned: shortly before the supervisor's SIGKILL."""
+        if self._sigterm_at is None:
+            return None
+        return self._sigterm_at + max(0.0, self.spec.shutdown_grace * 0.8 - 0.2)
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         self.state = state
@@ -131,18 +152,43 @@ class Worker:
         sock.send(protocol.event("hello", model=self.spec.model, pid=os.getpid(),
                                  generation=self.spec.generation))
         interval = self.spec.heartbeat_interval
+        next_beat = 0.0
         while True:
             if os.getppid() != self._parent:
                 # the supervisor is gone: nobody can restart or route to us
                 os._exit(3)
-            sock.send(protocol.event(
-                "heartbeat", model=self.spec.model, pid=os.getpid(),
-                generation=self.spec.generation, state=self.state,
-                load_progress=self.load_progress, endpoint=self.endpoint,
-                error=self.error, progress=self.progress,
-                inflight=self.scheduler.inflight() if self.scheduler else 0))
-            self._state_changed.wait(interval)
-            self._state_changed.clear()
+            self._watch_signals()
+            self._watch_abort()
+            now = time.monotonic()
+            if now >= next_beat or self._state_changed.is_set():
+                self._state_changed.clear()
+                next_beat = now + interval
+                sock.send(protocol.event(
+                    "heartbeat", model=self.spec.model, pid=os.getpid(),
+                    generation=self.spec.generation, state=self.state,
+                    load_progress=self.load_progress, endpoint=self.endpoint,
+                    error=self.error, progress=self.progress,
+                    inflight=self.scheduler.inflight() if self.scheduler else 0))
+            self._state_changed.wait(min(interval, WATCH_INTERVAL))
+
+    def _watch_signals(self) -> None:
+        try:
+            data = os.read(self._sig_r, 64)
+        except (BlockingIOError, OSError):
+            return
+        if signal.SIGTERM in data:
+            self._on_sigterm(signal.SIGTERM, None)
+
+    def _watch_abort(self) -> None:
+        """Raise the backend's abort flag when the running batch must stop."""
+        b, sched = self.backend, self.scheduler
+        if b is None or sched is None:
+            return
+        now = time.monotonic()
+        stop = self._hard_stop()
+        at = sched.abort_at
+        if (stop is not None and now > stop) or (at is not None and now > at):
+            b.abort(True)
 
     # -- loading -------------------------------------------------------------
     def _load(self) -> None:
@@ -178,10 +224,21 @@ class Worker:
         else:
             data = protocol.error(req_id, payload)
         self.progress += 1
+        if not self._deliver(peer, data) and kind == "chunk":
+            self._gone.add(req_id)  # nobody is listening: stop generating for it
+
+    def _deliver(self, peer: bytes, data: bytes) -> bool:
+        """Send one reply; False when the client has disconnected (or cannot keep up)."""
         try:
             self.sock.send_multipart([peer, data], zmq.NOBLOCK)
+            return True
         except zmq.Again:
-            log.warning("reply to a slow client dropped (request %s)", req_id)
+            log.warning("client too slow: a reply was dropped")
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
 
     # -- serving -------------------------------------------------------------
     def _serve(self) -> None:
@@ -189,6 +246,9 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # replies to a vanished client fail (EHOSTUNREACH) instead of vanishing,
+        # so the worker stops generating for it and frees its sequence
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         endpoint = self.spec.endpoint
         if endpoint.startswith("ipc://"):
             path = endpoint[6:]
@@ -208,6 +268,11 @@ class Worker:
         while True:
             if self._draining and not sched.busy:
                 break
+            stop_at = self._hard_stop()
+            if stop_at is not None and time.monotonic() > stop_at and sched.busy:
+                sched.fail_all(ShuttingDown(f"worker {self.spec.model} stopped before the "
+                                            "request finished"))
+                break
             if poller.poll(0 if sched.busy else 100):
                 for _ in range(MAX_MESSAGES_PER_TURN):
                     try:
@@ -217,6 +282,11 @@ class Worker:
                     self._on_message(frames)
             if sched.busy:
                 sched.tick()
+                self.progress += 1
+            while self._gone:
+                rid = self._gone.pop()
+                if sched.cancel(rid, notify=False):
+                    log.info("client of request %s disconnected; generation stopped", rid)
         if self.cache is not None:
             self.cache.close()
         sock.close(linger=200)
@@ -237,15 +307,15 @@ class Worker:
                 return
             value = self._dispatch(cmd, args)
             self.progress += 1
-            self.sock.send_multipart([peer, protocol.result(req_id, value)])
+            self._deliver(peer, protocol.result(req_id, value))
         except LlamafleetError as exc:
             if req_id is None:
                 req_id = exc.data.pop("id", None)
-            self.sock.send_multipart([peer, protocol.error(req_id, exc)])
+            self._deliver(peer, protocol.error(req_id, exc))
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("internal error handling a request")
             err = InternalError(f"{type(exc).__name__}: {exc}")
-            self.sock.send_multipart([peer, protocol.error(req_id, err)])
+            self._deliver(peer, protocol.error(req_id, err))
 
     # -- commands --------------------------------------------------------------
     def _check_seq(self, seq: int) -> None:
@@ -320,7 +390,11 @@ class Worker:
             b.set_sampling(a["seq"], params)
             return {}
         if cmd == "load_adapter":
-            return b.load_adapter(a["name"], a["path"])
+            if type(b).load_adapter is Backend.load_adapter:
+                b.load_adapter(a["name"], a["path"])  # raises NotSupported
+            if len(b.adapters()) >= protocol.MAX_ADAPTERS:
+                raise BadRequest(f"at most {protocol.MAX_ADAPTERS} adapters may be loaded")
+            return b.load_adapter(a["name"], self._confine(a["path"], "adapter_dirs"))
         if cmd == "unload_adapter":
             b.unload_adapter(a["name"])
             return {}
@@ -338,6 +412,18 @@ class Worker:
                                            enable_thinking=a["enable_thinking"])
             return {"prompt": prompt}
         raise NotFound(f"command {cmd!r} is not handled by workers")
+
+    def _confine(self, path: str, option: str) -> str:
+        """Resolve a client-supplied path; refuse it outside the configured directories."""
+        dirs = [os.path.realpath(d) for d in self.spec.worker_options.get(option) or []]
+        if not dirs:
+            raise BadRequest(f"no {option} configured for model {self.spec.model}: "
+                             "file paths from requests are refused")
+        real = os.path.realpath(path)
+        for d in dirs:
+            if os.path.commonpath([real, d]) == d:
+                return real
+        raise BadRequest(f"path {path!r} is outside the allowed directories ({option})")
 
     # -- generations ------------------------------------------------------------
     def _start_generation(self, peer: bytes, req_id: int, a: dict[str, Any]) -> None:

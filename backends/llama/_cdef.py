@@ -291,6 +291,8 @@ int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch);
 void llama_set_n_threads(struct llama_context * ctx, int32_t n_threads, int32_t n_threads_batch);
 void llama_set_embeddings(struct llama_context * ctx, bool embeddings);
 void llama_set_abort_callback(struct llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data);
+/* libc: its strlen serves as a native abort callback over a 2-byte flag buffer */
+size_t strlen(const char * s);
 void llama_synchronize(struct llama_context * ctx);
 
 float * llama_get_logits_ith(struct llama_context * ctx, int32_t i);

@@ -233,6 +233,7 @@ class LlamaBackend(Backend):
         cp.type_v = _GGML_TYPES[self.type_v_opt]
         cp.no_perf = True
         cp.embeddings = False
+        cp.abort_callback, cp.abort_callback_data = self._abort_callback()
         ctx = L.llama_init_from_model(model, cp)
         if ctx == ffi.NULL:
             raise BadRequest("llama.cpp could not create the context (out of memory, or an "
@@ -855,6 +856,7 @@ class LlamaBackend(Backend):
         cp.embeddings = True
         cp.pooling_type = _POOLING[self.pooling_opt]
         cp.no_perf = True
+        cp.abort_callback, cp.abort_callback_data = self._abort_callback()
         ctx = L.llama_init_from_model(self.model, cp)
         if ctx == ffi.NULL:
             raise BadRequest("llama.cpp could not create the embedding context")
@@ -956,6 +958,23 @@ class LlamaBackend(Backend):
                                     enable_thinking=enable_thinking)
 
     # ------------------------------------------------------------------ control
+    def _abort_callback(self) -> tuple[Any, Any]:
+        """A native abort callback with no Python on the compute path.
+
+        llama.cpp polls ``bool cb(void *data)`` for every graph node. libc's
+        ``strlen`` over the 2-byte buffer ``[flag, 0]`` returns 0 or 1, which is
+        exactly that predicate; :meth:`abort` flips the flag from any thread."""
+        ffi = self.ffi
+        if getattr(self, "_abort_flag", None) is None:
+            self._abort_flag = ffi.new("char[2]")
+            self._libc = ffi.dlopen(None)
+            self._flag_cb = ffi.cast("ggml_abort_callback", ffi.addressof(self._libc, "strlen"))
+        return self._flag_cb, self._abort_flag
+
+    def abort(self, flag: bool) -> None:
+        if getattr(self, "_abort_flag", None) is not None:
+            self._abort_flag[0] = b"\x01" if flag else b"\x00"
+
     def set_abort(self, should_abort: Callable[[], bool] | None) -> None:
         if should_abort is not None and not callable(should_abort):
             raise BadRequest("abort predicate must be callable")
@@ -963,10 +982,11 @@ class LlamaBackend(Backend):
         if self.ctx is None:
             return
         ffi, L = self.ffi, self.lib
-        if should_abort is None:
-            L.llama_set_abort_callback(self.ctx, ffi.NULL, ffi.NULL)
+        if should_abort is None:  # back to the native flag callback
+            cb, data = self._abort_callback()
+            L.llama_set_abort_callback(self.ctx, cb, data)
             if self._embed_ctx is not None:
-                L.llama_set_abort_callback(self._embed_ctx, ffi.NULL, ffi.NULL)
+                L.llama_set_abort_callback(self._embed_ctx, cb, data)
             self._abort_cb = None
             return
 

@@ -293,8 +293,13 @@ class FakeBackend(Backend):
         if p.top_k > 0:
             ranked = ranked[:p.top_k]
         top = scores[ranked[0]]
-        weights = [math.exp((scores[t] - top) / p.temperature) for t in ranked]
+        if not math.isfinite(top):
+            return ranked[0]  # +inf bias forces a token; all -inf: nothing better to do
+        weights = [math.exp(max(-700.0, (scores[t] - top) / p.temperature))
+                   if math.isfinite(scores[t]) else 0.0 for t in ranked]
         total = sum(weights)
+        if not total > 0:
+            return ranked[0]
         probs = [w / total for w in weights]
         keep = len(ranked)
         if p.top_p < 1.0:

@@ -13,11 +13,11 @@ iterator). Errors are the typed classes of :mod:`runtime.errors`.
 from client.aio import AsyncClient, AsyncStream
 from client.results import Completion, Decoded
 from client.sync import Client, Stream
-from runtime.errors import (BadRequest, Cancelled, LlamafleetError, NotFound, NotSupported,
+from runtime.errors import (AuthenticationFailed, BadRequest, Cancelled, LlamafleetError, NotFound, NotSupported,
                             Overloaded, RequestTimeout, ShuttingDown, Unavailable, WorkerCrashed,
                             WorkerFailed)
 
 __all__ = ["Client", "AsyncClient", "Stream", "AsyncStream", "Completion", "Decoded",
            "LlamafleetError", "BadRequest", "NotFound", "NotSupported", "Overloaded",
            "RequestTimeout", "ShuttingDown", "Unavailable", "WorkerCrashed", "WorkerFailed",
-           "Cancelled"]
+           "Cancelled", "AuthenticationFailed"]

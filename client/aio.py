@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import fields
 from typing import Any
@@ -23,8 +24,8 @@ from zmq.utils.monitor import parse_monitor_message
 from client.results import Completion, Decoded
 from runtime import protocol
 from runtime.config import default_address
-from runtime.errors import (BadRequest, Cancelled, LlamafleetError, ProtocolError,
-                            RequestTimeout, WorkerCrashed, error_from_wire)
+from runtime.errors import (AuthenticationFailed, BadRequest, Cancelled, LlamafleetError,
+                            ProtocolError, RequestTimeout, WorkerCrashed, error_from_wire)
 from runtime.sampling import SamplingParams
 
 log = logging.getLogger("llamafleet.client")
@@ -32,9 +33,14 @@ log = logging.getLogger("llamafleet.client")
 SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
 _DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED,
                 zmq.EVENT_MONITOR_STOPPED}
-if hasattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL"):
-    _DEAD_EVENTS |= {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                     zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+_AUTH_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+
+
+def _auth_error(address: str) -> AuthenticationFailed:
+    return AuthenticationFailed(
+        f"CURVE handshake with {address} failed: wrong server key, a client key that is not "
+        "authorized, or an endpoint that needs CURVE keys this client did not use")
 
 
 def sampling_from(kwargs: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,6 +77,7 @@ class _WorkerConn:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        client._secure(self.sock, endpoint)
         self.monitor = self.sock.get_monitor_socket()
         self.sock.connect(endpoint)
         self.connected = False
@@ -97,6 +104,9 @@ class _WorkerConn:
                 evt = parse_monitor_message(await self.monitor.recv_multipart())
                 if evt["event"] == zmq.EVENT_CONNECTED:
                     self.connected = True
+                elif evt["event"] in _AUTH_EVENTS:
+                    self.fail(_auth_error(self.endpoint))
+                    return
                 elif evt["event"] in _DEAD_EVENTS:
                     self.fail(WorkerCrashed(
                         f"worker of model {self.model} went away (generation {self.generation})",
@@ -203,8 +213,21 @@ class AsyncClient:
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0,
+                 curve_server_key: str | bytes | None = None,
+                 curve_client_cert: str | None = None) -> None:
         self.address = address or default_address()
+        # CURVE for tcp:// (arguments, else $LLAMAFLEET_CURVE_SERVER_KEY / _CLIENT_CERT)
+        server_key = curve_server_key or os.environ.get("LLAMAFLEET_CURVE_SERVER_KEY")
+        client_cert = curve_client_cert or os.environ.get("LLAMAFLEET_CURVE_CLIENT_CERT")
+        self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
+        if server_key or client_cert:
+            if not (server_key and client_cert):
+                raise BadRequest("CURVE needs both the server's public key and a client "
+                                 "certificate")
+            from runtime import security
+            self._curve = (security.load_public_key(server_key),
+                           security.load_keypair(client_cert))
         self.default_timeout = timeout
         self.connect_timeout = connect_timeout
         self._ctx = zmq.asyncio.Context()
@@ -213,6 +236,7 @@ class AsyncClient:
         self._control: zmq.asyncio.Socket | None = None
         self._control_calls: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._control_reader: asyncio.Future[None] | None = None
+        self._control_monitor: zmq.asyncio.Socket | None = None
         self._lookups: dict[str, asyncio.Lock] = {}
         self._dead_generation: dict[str, int] = {}
         self._closed = False
@@ -234,10 +258,21 @@ class AsyncClient:
         if self._control_reader is not None:
             self._control_reader.cancel()
         if self._control is not None:
+            try:
+                self._control.disable_monitor()
+            except zmq.ZMQError:
+                pass
             self._control.close(linger=0)
+        if self._control_monitor is not None:
+            self._control_monitor.close(linger=0)
         self._ctx.term()
 
     # -- plumbing -------------------------------------------------------------------
+    def _secure(self, sock: zmq.asyncio.Socket, endpoint: str) -> None:
+        if self._curve is not None and endpoint.startswith("tcp://"):
+            from runtime import security
+            security.make_client(sock, *self._curve)
+
     def _timeout(self, timeout: float | None) -> float:
         return self.default_timeout if timeout is None else float(timeout)
 
@@ -248,8 +283,12 @@ class AsyncClient:
         if self._control is None:
             self._control = self._ctx.socket(zmq.DEALER)
             self._control.setsockopt(zmq.LINGER, 0)
+            self._secure(self._control, self.address)
+            monitor = self._control_monitor = self._control.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             self._control.connect(self.address)
-            self._control_reader = asyncio.ensure_future(self._read_control())
+            self._control_reader = asyncio.ensure_future(self._read_control(monitor))
         req_id = next(self._ids)
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._control_calls[req_id] = q
@@ -266,20 +305,32 @@ class AsyncClient:
             raise error_from_wire(msg["error"])
         return msg["result"]
 
-    async def _read_control(self) -> None:
+    async def _read_control(self, monitor: zmq.asyncio.Socket) -> None:
         assert self._control is not None
+        poller = zmq.asyncio.Poller()
+        poller.register(self._control, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while True:
-                frames = await self._control.recv_multipart()
-                try:
-                    msg = protocol.unpack(frames[-1])
-                except ProtocolError:
-                    continue
-                q = self._control_calls.get(msg.get("id"))  # type: ignore[arg-type]
-                if q is not None:
-                    q.put_nowait(msg)
+                for sock, _ in await poller.poll():
+                    if sock is monitor:
+                        await monitor.recv_multipart()
+                        err = _auth_error(self.address).to_wire()
+                        for q in self._control_calls.values():
+                            q.put_nowait({"kind": "error", "error": err})
+                        continue
+                    frames = await self._control.recv_multipart()
+                    try:
+                        msg = protocol.unpack(frames[-1])
+                    except ProtocolError:
+                        continue
+                    q = self._control_calls.get(msg.get("id"))  # type: ignore[arg-type]
+                    if q is not None:
+                        q.put_nowait(msg)
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
+        finally:
+            monitor.close(linger=0)
 
     async def _conn(self, model: str, deadline: float) -> _WorkerConn:
         conn = self._conns.get(model)

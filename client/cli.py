@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -72,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.address) as c:
+    with _client(args) as c:
         workers = c.status(timeout=args.timeout)
     if args.json:
         print(json.dumps(workers, indent=2))
@@ -88,7 +87,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    with Client(args.address) as c:
+    with _client(args) as c:
         kwargs = dict(max_tokens=args.max_tokens, stop=args.stop, **_sampling(args))
         if args.json:
             r = c.generate(args.model, args.prompt, **kwargs)
@@ -141,7 +140,7 @@ def _chat_loop(c: Client, model: str, args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.address:
-        with Client(args.address) as c:
+        with _client(args) as c:
             return _chat_loop(c, args.model or "default", args)
     from runtime.supervisor import Supervisor
     if args.config:
@@ -166,8 +165,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return _chat_loop(c, model, args)
 
 
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.address, curve_server_key=getattr(args, "curve_server_key", None),
+                  curve_client_cert=getattr(args, "curve_client_cert", None))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from runtime.security import generate_keys
+    paths = generate_keys(args.directory, client_name=args.client)
+    print(f"""CURVE keys written to {args.directory}
+  supervisor config:  curve_server_key = "{paths['server_secret']}"
+                      curve_authorized_clients = "{paths['authorized']}"
+  clients:            --curve-server-key {paths['server_public']}
+                      --curve-client-cert {paths['client_secret']}
+  (or LLAMAFLEET_CURVE_SERVER_KEY / LLAMAFLEET_CURVE_CLIENT_CERT)""")
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    with Client(args.address) as c:
+    with _client(args) as c:
         c.shutdown_fleet()
     print("llamafleet: shutdown requested", file=sys.stderr)
     return 0
@@ -187,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None,
                        help=f"supervisor control address (default: {default_address()})")
         p.add_argument("--timeout", type=float, default=None, help="per-call timeout (s)")
+        add_curve(p)
+
+    def add_curve(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--curve-server-key", dest="curve_server_key", default=None,
+                       help="server public key file (tcp:// with CURVE)")
+        p.add_argument("--curve-client-cert", dest="curve_client_cert", default=None,
+                       help="this client's .key_secret certificate")
 
     p = sub.add_parser("serve", help="run a supervisor in the foreground")
     p.add_argument("--config", required=True, help="fleet TOML file")
@@ -208,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat (default: SmolLM2 in a private fleet)")
     p.add_argument("message", nargs="?", help="one message; omit for an interactive chat")
     p.add_argument("--address", default=None, help="use a running fleet instead")
+    add_curve(p)
     p.add_argument("--config", default=None, help="start this fleet instead of SmolLM2")
     p.add_argument("--model", default=None)
     p.add_argument("--system", default=None, help="system prompt")
@@ -224,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(docs/benchmarks.md)")
         bench_parser(p)
         p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("keys", help="generate CURVE key pairs for tcp:// endpoints")
+    p.add_argument("directory")
+    p.add_argument("--client", default="client", help="name of the client key pair")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("stop", help="shut a running fleet down gracefully")
     with_address(p)

@@ -83,7 +83,8 @@ class Client:
     """Synchronous client of a fleet (same methods as :class:`AsyncClient`)."""
 
     def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0, curve_server_key: str | bytes | None = None,
+                 curve_client_cert: str | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="llamafleet-client", daemon=True)
@@ -91,7 +92,9 @@ class Client:
         self._closed = False
 
         async def make() -> AsyncClient:
-            return AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout)
+            return AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout,
+                               curve_server_key=curve_server_key,
+                               curve_client_cert=curve_client_cert)
 
         self._async: AsyncClient = self._run(make())
         self.address = self._async.address

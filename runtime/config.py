@@ -72,9 +72,22 @@ class SupervisorConfig:
     restart_window: float = 60.0
     shutdown_grace: float = 10.0
     log_level: str = "info"
+    #: CURVE server certificate (``.key_secret``) for every tcp:// endpoint
+    curve_server_key: str | None = None
+    #: directory of client public keys allowed to connect over tcp://
+    curve_authorized_clients: str | None = None
+    #: explicit opt-out: tcp:// without CURVE (anyone who can connect is trusted)
+    insecure_tcp: bool = False
 
     def control_address(self) -> str:
         return self.address or default_address(self.runtime_dir)
+
+    def uses_tcp(self) -> bool:
+        return self.transport == "tcp" or self.control_address().startswith("tcp://")
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_server_key is not None
 
 
 @dataclass
@@ -108,7 +121,7 @@ class Config:
         unknown = set(raw) - {"supervisor", "models"}
         if unknown:
             raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-        sup = _supervisor_from(raw.get("supervisor", {}))
+        sup = _supervisor_from(raw.get("supervisor", {}), base_dir)
         models_raw = raw.get("models", {})
         if not isinstance(models_raw, dict):
             raise ConfigError("[models] must be a table of tables")
@@ -187,7 +200,7 @@ def _resolve(p: Path, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
-def _supervisor_from(raw: Any) -> SupervisorConfig:
+def _supervisor_from(raw: Any, base_dir: Path | None = None) -> SupervisorConfig:
     if not isinstance(raw, dict):
         raise ConfigError("[supervisor] must be a table")
     known = {f.name: f for f in fields(SupervisorConfig)}
@@ -203,6 +216,13 @@ def _supervisor_from(raw: Any) -> SupervisorConfig:
         elif key == "address":
             if not isinstance(value, str) or not re.match(r"^(ipc|tcp)://", value):
                 raise ConfigError("[supervisor] address must be an ipc:// or tcp:// address")
+        elif key in ("curve_server_key", "curve_authorized_clients"):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"[supervisor] {key} must be a path string")
+            value = str(_resolve(Path(value).expanduser(), base_dir))
+        elif key == "insecure_tcp":
+            if not isinstance(value, bool):
+                raise ConfigError("[supervisor] insecure_tcp must be true or false")
         elif isinstance(default, bool) or isinstance(value, bool):
             raise ConfigError(f"[supervisor] {key} has the wrong type")
         elif isinstance(default, float):
@@ -220,4 +240,11 @@ def _supervisor_from(raw: Any) -> SupervisorConfig:
         raise ConfigError("[supervisor] transport must be 'ipc' or 'tcp'")
     if sup.heartbeat_timeout <= sup.heartbeat_interval:
         raise ConfigError("[supervisor] heartbeat_timeout must exceed heartbeat_interval")
+    if (sup.curve_server_key is None) != (sup.curve_authorized_clients is None):
+        raise ConfigError("[supervisor] curve_server_key and curve_authorized_clients go "
+                          "together")
+    if sup.uses_tcp() and not sup.curve and not sup.insecure_tcp:
+        raise ConfigError("[supervisor] tcp:// endpoints require CURVE: set curve_server_key "
+                          "and curve_authorized_clients (see `llamafleet keys`), or opt out "
+                          "explicitly with insecure_tcp = true")
     return sup

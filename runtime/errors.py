@@ -89,6 +89,12 @@ class ShuttingDown(LlamafleetError):
     retryable = True
 
 
+class AuthenticationFailed(LlamafleetError):
+    """The CURVE handshake failed: wrong server key, or this client's key is not
+    authorized (or the endpoint needs CURVE and the client did not use it)."""
+    code = "unauthenticated"
+
+
 class ProtocolError(LlamafleetError):
     """A peer spoke a different protocol version or sent an undecodable message."""
     code = "protocol_error"
@@ -103,7 +109,7 @@ ERROR_TYPES: dict[str, type[LlamafleetError]] = {
     cls.code: cls
     for cls in (BadRequest, NotFound, NotSupported, Overloaded, WorkerCrashed,
                 WorkerFailed, Unavailable, RequestTimeout, Cancelled, ShuttingDown,
-                ProtocolError, InternalError)
+                AuthenticationFailed, ProtocolError, InternalError)
 }
 
 

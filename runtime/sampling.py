@@ -41,9 +41,10 @@ class SamplingParams:
         """Build and validate from a plain dict; unknown keys are a BadRequest."""
         raw = dict(raw or {})
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - names)
+        unknown = [k for k in raw if not isinstance(k, str) or k not in names]
         if unknown:
-            raise BadRequest(f"unknown sampling parameter(s): {', '.join(map(str, unknown))}")
+            raise BadRequest("unknown sampling parameter(s): "
+                             f"{', '.join(sorted(repr(k) for k in unknown))}")
         params = cls(**raw)
         params.validate()
         return params
@@ -84,6 +85,8 @@ class SamplingParams:
         num("min_p", 0.0, 1.0)
         num("typical_p", 0.0, 1.0)
         num("repeat_penalty", 0.0, 100.0)
+        if self.repeat_penalty <= 0.0:
+            raise BadRequest("repeat_penalty must be > 0 (1.0 disables it)")
         integer("repeat_last_n", -1, 1 << 20)
         num("frequency_penalty", -100.0, 100.0)
         num("presence_penalty", -100.0, 100.0)

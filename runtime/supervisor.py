@@ -194,6 +194,18 @@ class Supervisor:
             stale.unlink(missing_ok=True)
         self._control = self._ctx.socket(zmq.ROUTER)
         self._events = self._ctx.socket(zmq.ROUTER)
+        self._auth = None
+        if self.address.startswith("tcp://"):
+            if self.sup.curve:
+                from runtime import security
+                assert self.sup.curve_authorized_clients is not None
+                self._auth = security.start_authenticator(self._ctx,
+                                                          self.sup.curve_authorized_clients)
+                security.make_server(self._control,
+                                     security.load_keypair(str(self.sup.curve_server_key)))
+            else:
+                log.warning("INSECURE: control socket %s accepts anyone who can connect "
+                            "(insecure_tcp = true); use CURVE keys instead", self.address)
         for s in (self._control, self._events):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
@@ -255,6 +267,8 @@ class Supervisor:
             "heartbeat_interval": self.sup.heartbeat_interval,
             "log_level": self.sup.log_level,
             "shutdown_grace": self.sup.shutdown_grace,
+            "curve_server_key": self.sup.curve_server_key,
+            "curve_authorized_clients": self.sup.curve_authorized_clients,
             "worker_options": h.model.worker,
         }
         env = dict(os.environ)
@@ -527,6 +541,8 @@ class Supervisor:
             ep = self.config.worker_endpoint(name)
             if ep.startswith("ipc://"):
                 Path(ep[6:]).unlink(missing_ok=True)
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

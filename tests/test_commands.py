@@ -256,7 +256,7 @@ def test_raw_garbage_gets_a_protocol_error(fleet) -> None:
 
 def test_tcp_transport(fleet) -> None:
     sup = fleet({"tiny": {"backend": "fake"}}, transport="tcp",
-                address="tcp://127.0.0.1:*")
+                address="tcp://127.0.0.1:*", insecure_tcp=True)
     assert sup.address.startswith("tcp://127.0.0.1:")
     assert sup.status()[0]["endpoint"].startswith("tcp://127.0.0.1:")
     with Client(sup.address, timeout=30) as c:

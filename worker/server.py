@@ -53,6 +53,9 @@ class WorkerSpec:
     log_level: str = "info"
     #: seconds the supervisor waits after SIGTERM before SIGKILL
     shutdown_grace: float = 10.0
+    #: CURVE server certificate and authorized client keys (tcp:// endpoints)
+    curve_server_key: str | None = None
+    curve_authorized_clients: str | None = None
     #: worker-level settings (queue, prefix cache), see runtime.config.WORKER_OPTIONS
     worker_options: dict[str, Any] = field(default_factory=dict)
 
@@ -250,6 +253,16 @@ class Worker:
         # so the worker stops generating for it and frees its sequence
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         endpoint = self.spec.endpoint
+        self._auth = None
+        if endpoint.startswith("tcp://"):
+            if self.spec.curve_server_key and self.spec.curve_authorized_clients:
+                from runtime import security
+                self._auth = security.start_authenticator(self.ctx,
+                                                          self.spec.curve_authorized_clients)
+                security.make_server(sock, security.load_keypair(self.spec.curve_server_key))
+            else:
+                log.warning("INSECURE: %s accepts anyone who can connect (insecure_tcp)",
+                            endpoint)
         if endpoint.startswith("ipc://"):
             path = endpoint[6:]
             if os.path.exists(path):
@@ -290,6 +303,8 @@ class Worker:
         if self.cache is not None:
             self.cache.close()
         sock.close(linger=200)
+        if self._auth is not None:
+            self._auth.stop()
 
     def _on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 2:

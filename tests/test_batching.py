@@ -152,3 +152,30 @@ def test_corrupted_cache_file_is_detected_and_ignored(fleet, tmp_path: Path) -> 
         assert again.tokens == cold.tokens
         assert again.stats["cached_tokens"] == 0
         assert c.info("tiny")["cache"]["corrupt_files"] >= 1
+
+
+def test_request_ids_are_per_client(fleet) -> None:
+    """Two clients number their requests alike: neither may disturb the other."""
+    sup = fleet({"f": {"backend": "fake", "token_delay": 0.01}})
+    with sup.client(timeout=30) as a, sup.client(timeout=30) as b:
+        a.ping("f")
+        b.ping("f")  # both clients have now used the same ids
+        results: dict[str, object] = {}
+
+        def run(name: str, c: Client) -> None:
+            try:
+                results[name] = c.generate("f", "hello", max_tokens=30, ignore_eos=True)
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+                results[name] = exc
+
+        threads = [threading.Thread(target=run, args=(n, c)) for n, c in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert all(len(r.tokens) == 30 for r in results.values()), results  # type: ignore
+        stream = b.stream("f", "hello", max_tokens=100, ignore_eos=True)
+        next(stream)
+        rid = stream._inner._call.id  # b's request id; a cancels "the same" id
+        assert a.call("f", "cancel", {"target": rid}) == {"cancelled": False}
+        assert len(stream.collect().tokens) == 100

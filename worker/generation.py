@@ -70,6 +70,11 @@ class Generation:
         self.extra: dict[str, Any] = {}
 
     @property
+    def key(self) -> tuple[bytes, int]:
+        """Request ids are per client: (client identity, id) names a request."""
+        return (self.peer, self.req_id)
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 

@@ -30,6 +30,7 @@ from worker.generation import Generation
 log = logging.getLogger("llamafleet.worker.scheduler")
 
 Send = Callable[[bytes, int, str, Any], None]  # (peer, request id, kind, payload)
+Key = tuple[bytes, int]  # (client identity, request id)
 
 
 class KVCache(Protocol):
@@ -57,8 +58,8 @@ class Scheduler:
         self.cache = cache
         self._send = send
         self.queue: deque[Generation] = deque()
-        self.running: dict[int, Generation] = {}
-        self.seq_owner: dict[int, int] = {}
+        self.running: dict[Key, Generation] = {}
+        self.seq_owner: dict[int, Key] = {}
         self._rr = 0
         self.ticks = 0
         #: monotonic time after which the running batch may be aborted (or None)
@@ -73,15 +74,17 @@ class Scheduler:
         return len(self.queue) + len(self.running)
 
     def owner(self, seq: int) -> int | None:
-        return self.seq_owner.get(seq)
+        """Request id of the generation using ``seq`` (None when free)."""
+        key = self.seq_owner.get(seq)
+        return None if key is None else key[1]
 
     def submit(self, g: Generation) -> None:
         """Queue a validated generation (raises Overloaded/BadRequest at once)."""
-        if g.req_id in self.running or any(q.req_id == g.req_id for q in self.queue):
+        if g.key in self.running or any(q.key == g.key for q in self.queue):
             raise BadRequest(f"request id {g.req_id} is already running")
         if g.explicit_seq:
             assert g.seq is not None
-            owner = self.seq_owner.get(g.seq)
+            owner = self.owner(g.seq)
             if owner is not None:
                 raise BadRequest(f"sequence {g.seq} is in use by running request {owner}")
             self._start(g, g.seq)  # the caller's own slot: no queueing
@@ -93,15 +96,16 @@ class Scheduler:
                                                 "running": len(self.running)})
         self.queue.append(g)
 
-    def cancel(self, req_id: int, *, notify: bool = True) -> bool:
+    def cancel(self, key: Key, *, notify: bool = True) -> bool:
         """Stop a queued or running generation; its caller gets ``cancelled``
         (unless ``notify`` is False: the caller is gone)."""
+        req_id = key[1]
         for g in self.queue:
-            if g.req_id == req_id:
+            if g.key == key:
                 self.queue.remove(g)
                 self._fail(g, Cancelled(f"request {req_id} was cancelled"), notify=notify)
                 return True
-        g = self.running.get(req_id)
+        g = self.running.get(key)
         if g is None:
             return False
         self._fail(g, Cancelled(f"request {req_id} was cancelled",
@@ -134,15 +138,15 @@ class Scheduler:
     def _start(self, g: Generation, seq: int) -> None:
         g.seq = seq
         g.stats.t_admitted = time.perf_counter()
-        self.seq_owner[seq] = g.req_id
-        self.running[g.req_id] = g
+        self.seq_owner[seq] = g.key
+        self.running[g.key] = g
         try:
             if not g.explicit_seq:
                 self._restore_prefix(g)
             # after the restore: restoring may reset the sequence's sampler
             self.backend.set_sampling(seq, g.params)
         except BaseException:
-            self.running.pop(g.req_id, None)
+            self.running.pop(g.key, None)
             self._release(g)
             raise
         if not g.pending:
@@ -217,7 +221,7 @@ class Scheduler:
             self._evaluate(batch)
             self.abort_at = None
         for g in order:
-            if g.done or g.req_id not in self.running:
+            if g.done or g.key not in self.running:
                 continue
             if g.in_flight and not g.pending:
                 g.in_flight = False
@@ -301,14 +305,14 @@ class Scheduler:
 
     # -- endings ---------------------------------------------------------------------------
     def _finish(self, g: Generation) -> None:
-        self.running.pop(g.req_id, None)
+        self.running.pop(g.key, None)
         self._publish(g)
         self._release(g)
         self._send(g.peer, g.req_id, "result", g.result())
 
     def _fail(self, g: Generation, err: LlamafleetError, notify: bool = True) -> None:
         g.end("error")
-        if self.running.pop(g.req_id, None) is not None:
+        if self.running.pop(g.key, None) is not None:
             self._release(g)
         if notify:
             self._send(g.peer, g.req_id, "error", err)
@@ -316,7 +320,7 @@ class Scheduler:
     def _release(self, g: Generation) -> None:
         if g.seq is None:
             return
-        if self.seq_owner.get(g.seq) == g.req_id:
+        if self.seq_owner.get(g.seq) == g.key:
             del self.seq_owner[g.seq]
         if not g.explicit_seq:
             self.backend.seq_clear(g.seq)

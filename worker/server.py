@@ -92,7 +92,7 @@ class Worker:
         self.progress = 0          # completed units of work (for the progress watchdog)
         self.scheduler: Scheduler | None = None
         self.cache: Any = None
-        self._gone: set[int] = set()  # requests whose client disconnected
+        self._gone: set[tuple[bytes, int]] = set()  # requests whose client disconnected
         self.n_seq_max = 1
         self._stop = threading.Event()
         self._draining = False
@@ -228,7 +228,7 @@ class Worker:
             data = protocol.error(req_id, payload)
         self.progress += 1
         if not self._deliver(peer, data) and kind == "chunk":
-            self._gone.add(req_id)  # nobody is listening: stop generating for it
+            self._gone.add((peer, req_id))  # nobody is listening: stop generating for it
 
     def _deliver(self, peer: bytes, data: bytes) -> bool:
         """Send one reply; False when the client has disconnected (or cannot keep up)."""
@@ -297,9 +297,9 @@ class Worker:
                 sched.tick()
                 self.progress += 1
             while self._gone:
-                rid = self._gone.pop()
-                if sched.cancel(rid, notify=False):
-                    log.info("client of request %s disconnected; generation stopped", rid)
+                key = self._gone.pop()
+                if sched.cancel(key, notify=False):
+                    log.info("client of request %s disconnected; generation stopped", key[1])
         if self.cache is not None:
             self.cache.close()
         sock.close(linger=200)
@@ -320,7 +320,7 @@ class Worker:
             if cmd == "generate":
                 self._start_generation(peer, req_id, args)
                 return
-            value = self._dispatch(cmd, args)
+            value = self._dispatch(cmd, args, peer)
             self.progress += 1
             self._deliver(peer, protocol.result(req_id, value))
         except LlamafleetError as exc:
@@ -340,7 +340,7 @@ class Worker:
         if owner is not None:
             raise BadRequest(f"sequence {seq} is in use by running request {owner}")
 
-    def _dispatch(self, cmd: str, a: dict[str, Any]) -> Any:
+    def _dispatch(self, cmd: str, a: dict[str, Any], peer: bytes = b"") -> Any:
         b = self.backend
         assert b is not None
         if cmd == "ping":
@@ -363,7 +363,8 @@ class Worker:
             return {"text": b.detokenize(a["tokens"], special=a["special"])}
         if cmd == "cancel":
             assert self.scheduler is not None
-            return {"cancelled": self.scheduler.cancel(a["target"])}
+            # a client can only cancel its own requests
+            return {"cancelled": self.scheduler.cancel((peer, a["target"]))}
         if cmd in ("prefill", "decode", "kv_pack", "kv_unpack", "seq_clear",
                    "set_sampling", "set_grammar"):
             self._check_seq(a["seq"])

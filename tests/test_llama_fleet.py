@@ -74,7 +74,10 @@ def sup(files: dict[str, Path]) -> Iterator[Supervisor]:
               "stop": {**OPTS, "path": str(files["stop"])},
               "long": {**LONG_OPTS, "path": str(files["long"])},
               # the same model without the prefix cache: the reference for cached runs
-              "nocache": {**OPTS, "path": str(files["model"]), "prefix_cache": False}}
+              "nocache": {**OPTS, "path": str(files["model"]), "prefix_cache": False},
+              # eight slots, for eight concurrent streams
+              "eight": {**OPTS, "n_seq_max": 8, "path": str(files["model"]),
+                        "prefix_cache": False}}
     s = Supervisor(make_config(rd, models)).start()
     try:
         s.wait_ready(timeout=60)
@@ -180,6 +183,45 @@ def test_generate_greedy_is_deterministic_and_stream_matches(client: Client) -> 
     assert s1.tokens == s2.tokens
     assert client.generate("tiny", "x", max_tokens=20, temperature=1.0, seed=8).tokens \
         != s1.tokens
+
+
+def test_eight_concurrent_streams_equal_their_solo_runs(client: Client) -> None:
+    prompts = [f"the {w} of the world" for w in
+               ("time", "hello", "number", "place", "word", "day", "way", "thing")]
+    solo = [client.generate("eight", p, max_tokens=24, temperature=0, ignore_eos=True)
+            for p in prompts]
+    out: dict[int, tuple[str, list[int]]] = {}
+
+    def run(i: int) -> None:
+        s = client.stream("eight", prompts[i], max_tokens=24, temperature=0, ignore_eos=True)
+        text = "".join(s)
+        out[i] = (text, s.result.tokens if s.result else [])
+
+    ticks = client.info("eight")["scheduler"]["ticks"]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [out.get(i) for i in range(8)] == [(r.text, r.tokens) for r in solo]
+    # they ran batched: far fewer scheduler ticks than 8 solo runs would need
+    assert client.info("eight")["scheduler"]["ticks"] - ticks < 8 * 25 / 2
+
+
+def test_libllama_override_is_honoured(fleet, files: dict[str, Path],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from backends.llama.binding import find_library
+    real = find_library()
+    monkeypatch.setenv("LLAMAFLEET_LIBLLAMA", "/nonexistent/libllama.so")
+    sup = fleet({"bad": {**OPTS, "path": str(files["model"])}}, wait=False)
+    wait_for(lambda: sup.status()[0]["state"] == "failed", timeout=30)
+    assert "LLAMAFLEET_LIBLLAMA" in sup.status()[0]["last_exit"]
+    sup.stop()
+    monkeypatch.setenv("LLAMAFLEET_LIBLLAMA", real)
+    good = fleet({"good": {**OPTS, "path": str(files["model"])}})
+    with good.client(timeout=30) as c:
+        assert len(c.generate("good", "hello", max_tokens=3, temperature=0,
+                              ignore_eos=True).tokens) == 3
 
 
 def test_concurrent_generations_equal_solo_ones(client: Client) -> None:
@@ -519,7 +561,10 @@ def test_prefix_cache_hits_give_the_uncached_output(client: Client,
 
 def test_session_survives_a_worker_crash(fleet, files: dict[str, Path]) -> None:
     sup = fleet({"tiny": {**OPTS, "path": str(files["model"])},
-                 "nocache": {**OPTS, "path": str(files["model"]), "prefix_cache": False}})
+                 "nocache": {**OPTS, "path": str(files["model"]), "prefix_cache": False},
+              # eight slots, for eight concurrent streams
+              "eight": {**OPTS, "n_seq_max": 8, "path": str(files["model"]),
+                        "prefix_cache": False}})
     with sup.client(timeout=30) as c:
         turn1 = c.tokenize("tiny", LONG_PROMPT)
         r1 = c.generate("tiny", tokens=turn1, max_tokens=8, temperature=0, session="conv")

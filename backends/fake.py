@@ -233,6 +233,8 @@ class FakeBackend(Backend):
                 matcher = parse_gbnf(text or "").matcher()
             except GrammarError as exc:
                 raise BadRequest(f"invalid grammar: {exc}") from None
+            except RecursionError:
+                raise BadRequest("invalid grammar: nested too deeply") from None
         for tok in params.logit_bias:
             self.check_tokens([tok])
         s.params = params

@@ -106,4 +106,6 @@ def json_schema_to_gbnf(schema: dict[str, Any] | bool | str) -> str:
         parse_gbnf(grammar)
     except GrammarError as e:
         raise BadRequest(f"JSON schema produced an unusable grammar: {e}") from None
+    except RecursionError:
+        raise BadRequest("JSON schema produces a grammar too deeply nested to use") from None
     return grammar

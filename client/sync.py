@@ -156,7 +156,17 @@ class Client:
         """Close the sockets and stop the I/O thread."""
         if self._closed:
             return
-        self._run(self._async.close())
+
+        async def shutdown() -> None:
+            await self._async.close()
+            # end whatever is still waiting (abandoned streams, pumps) before the
+            # loop goes away
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        self._run(shutdown())
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)

@@ -97,7 +97,7 @@ class SamplingParams:
         for k, v in self.logit_bias.items():
             try:
                 tok = int(k)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise BadRequest(f"logit_bias key {k!r} is not a token id") from None
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
                 raise BadRequest(f"logit_bias value for {k!r} must be a number")
@@ -118,5 +118,9 @@ class SamplingParams:
                     raise BadRequest(f"json_schema is not valid JSON: {exc}") from None
             if not isinstance(self.json_schema, (dict, bool)):
                 raise BadRequest("json_schema must be an object")
-            if len(json.dumps(self.json_schema)) > MAX_GRAMMAR_BYTES:
+            try:
+                size = len(json.dumps(self.json_schema))
+            except (TypeError, ValueError, RecursionError):
+                raise BadRequest("json_schema must be plain JSON data") from None
+            if size > MAX_GRAMMAR_BYTES:
                 raise BadRequest(f"json_schema larger than {MAX_GRAMMAR_BYTES} bytes")

@@ -179,3 +179,19 @@ def test_request_ids_are_per_client(fleet) -> None:
         rid = stream._inner._call.id  # b's request id; a cancels "the same" id
         assert a.call("f", "cancel", {"target": rid}) == {"cancelled": False}
         assert len(stream.collect().tokens) == 100
+
+
+def test_generate_when_every_slot_holds_caller_state_is_overloaded(fleet) -> None:
+    """Nothing running could free a slot: refuse at once instead of waiting forever."""
+    sup = fleet({"two": {"backend": "fake", "n_seq_max": 2}})
+    with sup.client(timeout=30) as c:
+        toks = c.tokenize("two", "kept")
+        c.prefill("two", 0, toks)
+        c.prefill("two", 1, toks)
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded, match="seq_clear"):
+            c.generate("two", "x", max_tokens=2, timeout=10)
+        assert time.monotonic() - t0 < 2
+        c.seq_clear("two", 1)
+        assert c.generate("two", "x", max_tokens=2).tokens
+        assert c.decode("two", 0, temperature=0).token is not None  # caller's state intact

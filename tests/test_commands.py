@@ -161,6 +161,12 @@ def test_adapters_change_output_by_name_and_scale(client: Client, tmp_path: Path
         with pytest.raises(BadRequest, match="outside the allowed"):
             client.load_adapter("tiny", "evil", bad)
     outside.unlink()
+    import os
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)  # opening it would block the worker forever
+    with pytest.raises(BadRequest, match="not a regular file"):
+        client.load_adapter("tiny", "fifo", str(fifo))
+    assert client.ping("tiny")["pong"]
     assert set(client.info("tiny")["adapters"]) == {"other"}
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -444,8 +446,14 @@ def test_json_schema_invalid(schema: Any) -> None:
 
 
 def test_json_schema_does_not_import_llama_cpp() -> None:
-    json_schema_to_gbnf({"type": "integer"})
-    assert "llama_cpp" not in sys.modules
+    import subprocess
+    code = ("import sys; from backends.json_schema import json_schema_to_gbnf; "
+            "json_schema_to_gbnf({'type': 'integer'}); print('llama_cpp' in sys.modules)")
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=root, timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_ping_info_and_status(client: Client, sup: Supervisor) -> None:
     assert info["adapters"] == {}
     assert client.info("long")["n_ctx"] == 65536
     states = {w["model"]: w for w in client.status()}
-    assert set(states) == {"tiny", "other", "stop", "long", "nocache"}
+    assert set(states) == {"tiny", "other", "stop", "long", "nocache", "eight"}
     assert all(w["state"] == "ready" and w["backend"] == "llama" for w in states.values())
     assert states["tiny"]["pid"] == pong["pid"]
     found = client.lookup("tiny")
@@ -197,15 +197,14 @@ def test_eight_concurrent_streams_equal_their_solo_runs(client: Client) -> None:
         text = "".join(s)
         out[i] = (text, s.result.tokens if s.result else [])
 
-    ticks = client.info("eight")["scheduler"]["ticks"]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert [out.get(i) for i in range(8)] == [(r.text, r.tokens) for r in solo]
-    # they ran batched: far fewer scheduler ticks than 8 solo runs would need
-    assert client.info("eight")["scheduler"]["ticks"] - ticks < 8 * 25 / 2
+    # they really ran batched together
+    assert client.info("eight")["scheduler"]["peak_running"] >= 4
 
 
 def test_libllama_override_is_honoured(fleet, files: dict[str, Path],

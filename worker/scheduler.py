@@ -62,13 +62,20 @@ class Scheduler:
         self.seq_owner: dict[int, Key] = {}
         self._rr = 0
         self.ticks = 0
+        self.peak_running = 0  # most generations ever batched together
         #: monotonic time after which the running batch may be aborted (or None)
         self.abort_at: float | None = None
 
     # -- requests ------------------------------------------------------------------
     @property
     def busy(self) -> bool:
+        """Work is queued or running (the worker keeps ticking)."""
         return bool(self.queue or self.running)
+
+    @property
+    def active(self) -> bool:
+        """Generations are running (the worker should not sleep between ticks)."""
+        return bool(self.running)
 
     def inflight(self) -> int:
         return len(self.queue) + len(self.running)
@@ -119,7 +126,8 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------
     def _free_seq(self) -> int | None:
-        for seq in range(self.n_seq_max):
+        # from the top: callers managing sequences by hand usually take low ids
+        for seq in reversed(range(self.n_seq_max)):
             if seq not in self.seq_owner and self.backend.seq_len(seq) == 0:
                 return seq
         return None
@@ -128,12 +136,24 @@ class Scheduler:
         while self.queue:
             seq = self._free_seq()
             if seq is None:
+                if not self.running:
+                    # every slot holds a caller's sequence and nothing running will
+                    # free one: waiting would be forever
+                    for g in list(self.queue):
+                        self._fail(g, Overloaded(
+                            f"all {self.n_seq_max} sequences hold caller state (free some "
+                            "with seq_clear)", data={"queue_length": len(self.queue),
+                                                     "n_seq_max": self.n_seq_max}))
+                    self.queue.clear()
                 return
             g = self.queue.popleft()
             try:
                 self._start(g, seq)
             except LlamafleetError as exc:
                 self._fail(g, exc)
+            except Exception as exc:
+                log.exception("starting a generation failed")
+                self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _start(self, g: Generation, seq: int) -> None:
         g.seq = seq
@@ -199,6 +219,7 @@ class Scheduler:
         if not self.running:
             return
         order = list(self.running.values())
+        self.peak_running = max(self.peak_running, len(order))
         batch: list[tuple[Generation, list[int]]] = []
         budget = self.n_batch
         # decode tokens first: every running sequence advances every tick
@@ -288,6 +309,10 @@ class Scheduler:
             delta = g.on_token(token, token is not None and b.is_eog(token), piece)
         except LlamafleetError as exc:
             self._fail(g, exc)
+            return
+        except Exception as exc:  # a backend bug: fail this request, keep serving
+            log.exception("sampling failed")
+            self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
             return
         appended = g.tokens[n_before:]
         if g.stream and (delta or appended):

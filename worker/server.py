@@ -17,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,7 +285,7 @@ class Worker:
                 sched.fail_all(ShuttingDown(f"worker {self.spec.model} stopped before the "
                                             "request finished"))
                 break
-            if poller.poll(0 if sched.busy else 100):
+            if poller.poll(0 if sched.active else 50 if sched.busy else 100):
                 for _ in range(MAX_MESSAGES_PER_TURN):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -294,7 +293,11 @@ class Worker:
                         break
                     self._on_message(frames)
             if sched.busy:
-                sched.tick()
+                try:
+                    sched.tick()
+                except Exception as exc:  # a bug: fail what runs, keep serving
+                    log.exception("scheduler tick failed")
+                    sched.fail_all(InternalError(f"{type(exc).__name__}: {exc}"))
                 self.progress += 1
             while self._gone:
                 key = self._gone.pop()
@@ -354,7 +357,8 @@ class Worker:
                 info["scheduler"] = {"running": len(self.scheduler.running),
                                      "queued": len(self.scheduler.queue),
                                      "max_queue": self.scheduler.max_queue,
-                                     "ticks": self.scheduler.ticks}
+                                     "ticks": self.scheduler.ticks,
+                                     "peak_running": self.scheduler.peak_running}
             info["cache"] = self.cache.stats() if self.cache is not None else None
             return info
         if cmd == "tokenize":
@@ -438,6 +442,9 @@ class Worker:
         real = os.path.realpath(path)
         for d in dirs:
             if os.path.commonpath([real, d]) == d:
+                if os.path.exists(real) and not os.path.isfile(real) and \
+                        not os.path.isdir(real):
+                    raise BadRequest(f"{path!r} is not a regular file")
                 return real
         raise BadRequest(f"path {path!r} is outside the allowed directories ({option})")
 

@@ -539,7 +539,7 @@ class LlamaBackend(Backend):
 
     def _decode(self, work: list[tuple[int, np.ndarray]]) -> None:
         """Decode validated work in chunks of n_batch; all-or-nothing on failure."""
-        ffi, L = self.ffi, self.lib
+        L = self.lib
         nb = self.n_batch
         old_len = {s: len(self._tokens[s]) for s, _ in work}
         total = sum(t.size for _, t in work)

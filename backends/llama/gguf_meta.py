@@ -28,6 +28,8 @@ def check_model_file(path: Any, what: str = "model") -> str:
         raise BadRequest(f"{what} file not found: {path}")
     if os.path.isdir(path):
         raise BadRequest(f"{what} path is a directory: {path}")
+    if not os.path.isfile(path):  # a FIFO or device would block or never end
+        raise BadRequest(f"{what} path is not a regular file: {path}")
     try:
         with open(path, "rb") as f:
             head = f.read(24)

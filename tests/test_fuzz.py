@@ -215,6 +215,10 @@ class Live:
     # -- sending ---------------------------------------------------------------------------
     def send_raw(self, frames: list[bytes]) -> None:
         self.cases += 1
+        trace = os.environ.get("LLAMAFLEET_FUZZ_TRACE")
+        if trace:  # debugging aid: every frame sent, with a timestamp
+            with open(trace, "a") as f:
+                f.write(f"{time.time():.3f} {frames[-1][:400]!r}\n")
         self.sock.send_multipart(frames)
 
     def call(self, cmd: str, args: Any = None, req_id: int | None = None) -> dict[str, Any]:
@@ -649,6 +653,8 @@ def test_random_sampling_params(live: Live, data: st.DataObject) -> None:
     cmd = data.draw(st.sampled_from(["set_sampling", "decode", "generate", "set_grammar"]))
     seq = data.draw(st.sampled_from([0, 1, N_SEQ - 1]))
     if data.draw(st.booleans()):
+        # start from an empty sequence: earlier examples may have filled its context
+        assert live.call("seq_clear", {"seq": seq})["kind"] == "result"
         r = live.call("prefill", {"seq": seq, "tokens": live.sample_tokens})
         assert r["kind"] == "result", r
     if cmd == "set_grammar":

@@ -93,7 +93,6 @@ class Worker:
         self.cache: Any = None
         self._gone: set[tuple[bytes, int]] = set()  # requests whose client disconnected
         self.n_seq_max = 1
-        self._stop = threading.Event()
         self._draining = False
         self._sigterm_at: float | None = None
         self._parent = os.getppid()

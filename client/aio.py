@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -199,6 +199,12 @@ class AsyncStream:
 
     async def aclose(self) -> None:
         await self.cancel()
+
+    async def __aenter__(self) -> "AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.cancel()  # leaving the block early stops the generation
 
     async def collect(self) -> Completion:
         """Consume the rest of the stream and return the final Completion."""
@@ -588,11 +594,3 @@ class AsyncClient:
         kwargs.setdefault("parse_special", True)
         return self.stream(model, prompt, **kwargs)
 
-
-async def iterate(stream: AsyncStream) -> AsyncIterator[str]:
-    """``async for`` helper that always cancels the stream when left early."""
-    try:
-        async for piece in stream:
-            yield piece
-    finally:
-        await stream.cancel()

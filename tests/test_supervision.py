@@ -91,6 +91,11 @@ def test_async_client_sees_the_crash_and_recovers(fleet) -> None:
                 await task
             await asyncio.sleep(0.2)
             assert (await c.status())[0]["inflight"] == 0
+            # leaving an `async with` block early stops the stream on the worker
+            async with c.stream("slow", "w", max_tokens=60_000, ignore_eos=True) as s:
+                assert await s.__anext__()
+            await asyncio.sleep(0.2)
+            assert (await c.status())[0]["inflight"] == 0
 
     asyncio.run(main())
 

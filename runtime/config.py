@@ -27,6 +27,7 @@ WORKER_OPTIONS: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_disk_mb": ((int,), 2048),      # disk tier budget
     "cache_min_tokens": ((int,), 32),     # shortest prefix worth caching/restoring
     "adapter_dirs": ((list,), None),      # where load_adapter may read (default: model's dir)
+    "stream_interval_ms": ((int, float), 20),  # coalesce streamed deltas (0: every token)
 }
 
 
@@ -149,7 +150,7 @@ class Config:
                 if value is not None and (not isinstance(value, types) or
                                           (isinstance(value, bool) and bool not in types)):
                     raise ConfigError(f"[models.{name}] {key} has the wrong type")
-                if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                     raise ConfigError(f"[models.{name}] {key} must be >= 0")
                 worker[key] = value
             dirs = worker["adapter_dirs"]

@@ -63,7 +63,7 @@ def test_queue_limit_answers_overloaded_at_once(fleet) -> None:
 
 def test_a_long_prompt_does_not_stall_running_streams(fleet) -> None:
     sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 2, "n_batch": 16,
-                          "token_delay": 0.01, "n_ctx": 4096}})
+                          "token_delay": 0.01, "n_ctx": 4096, "stream_interval_ms": 0}})
     with sup.client(timeout=60) as c:
         stream = c.stream("tiny", "go", max_tokens=400, ignore_eos=True, temperature=0)
         next(stream)
@@ -195,3 +195,21 @@ def test_generate_when_every_slot_holds_caller_state_is_overloaded(fleet) -> Non
         c.seq_clear("two", 1)
         assert c.generate("two", "x", max_tokens=2).tokens
         assert c.decode("two", 0, temperature=0).token is not None  # caller's state intact
+
+
+def test_stream_deltas_are_coalesced_but_the_first_goes_out_at_once(fleet) -> None:
+    sup = fleet({"every": {"backend": "fake", "token_delay": 0.002, "stream_interval_ms": 0},
+                 "coalesced": {"backend": "fake", "token_delay": 0.002,
+                               "stream_interval_ms": 50}})
+    with sup.client(timeout=30) as c:
+        runs = {}
+        for model in ("every", "coalesced"):
+            s = c.stream(model, "abc", max_tokens=120, temperature=0, ignore_eos=True)
+            deltas = list(s)
+            runs[model] = (deltas, s.result)
+        every, coalesced = runs["every"], runs["coalesced"]
+        assert "".join(every[0]) == "".join(coalesced[0]) == coalesced[1].text
+        assert every[1].tokens == coalesced[1].tokens
+        assert len(every[0]) == 120
+        assert 2 <= len(coalesced[0]) < 40  # ~0.3 s of decoding in 50 ms windows
+        assert len(coalesced[0][0]) == 1  # the first token was not held back

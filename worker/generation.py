@@ -62,6 +62,10 @@ class Generation:
         self.tokens: list[int] = []
         self.stats = GenerationStats(prompt_tokens=len(prompt_tokens))
         self.finish_reason: str | None = None
+        # streamed output not sent yet, and when the last chunk went out
+        self.out_text = ""
+        self.out_tokens: list[int] = []
+        self.last_flush = 0.0
         #: tokens evaluated in the current tick; sample when it empties pending
         self.in_flight = False
         self.prompt_done = False

@@ -49,13 +49,15 @@ class Scheduler:
     """Owns the backend's sequences while generations run."""
 
     def __init__(self, backend: Backend, *, send: Send, max_queue: int = 64,
-                 cache: KVCache | None = None) -> None:
+                 cache: KVCache | None = None, stream_interval: float = 0.0) -> None:
         info = backend.info()
         self.backend = backend
         self.n_seq_max = info.n_seq_max
         self.n_batch = max(1, info.n_batch)
         self.max_queue = max_queue
         self.cache = cache
+        #: seconds over which streamed deltas are coalesced (0: one chunk per token)
+        self.stream_interval = stream_interval
         self._send = send
         self.queue: deque[Generation] = deque()
         self.running: dict[Key, Generation] = {}
@@ -314,9 +316,22 @@ class Scheduler:
             log.exception("sampling failed")
             self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
             return
-        appended = g.tokens[n_before:]
-        if g.stream and (delta or appended):
-            self._send(g.peer, g.req_id, "chunk", {"text": delta, "tokens": appended})
+        if g.stream:
+            g.out_text += delta
+            g.out_tokens += g.tokens[n_before:]
+            now = time.monotonic()
+            # the first delta goes out at once (time to first token); later ones are
+            # coalesced for up to stream_interval, which saves the client a wake-up
+            # per token; whatever is left goes out before the result
+            if (g.out_text or g.out_tokens) and (
+                    g.done or g.last_flush == 0.0 or now - g.last_flush >= self.stream_interval):
+                self._flush(g, now)
+
+    def _flush(self, g: Generation, now: float) -> None:
+        if g.out_text or g.out_tokens:
+            self._send(g.peer, g.req_id, "chunk", {"text": g.out_text, "tokens": g.out_tokens})
+            g.out_text, g.out_tokens = "", []
+        g.last_flush = now
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -330,6 +345,8 @@ class Scheduler:
 
     # -- endings ---------------------------------------------------------------------------
     def _finish(self, g: Generation) -> None:
+        if g.stream:
+            self._flush(g, time.monotonic())
         self.running.pop(g.key, None)
         self._publish(g)
         self._release(g)

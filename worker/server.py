@@ -204,7 +204,9 @@ class Worker:
         self.n_seq_max = backend.info().n_seq_max
         self.cache = self._make_cache()
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
-                                   max_queue=int(self.spec.worker_options.get("max_queue", 64)))
+                                   max_queue=int(self.spec.worker_options.get("max_queue", 64)),
+                                   stream_interval=float(self.spec.worker_options.get(
+                                       "stream_interval_ms", 20)) / 1000)
         self.load_progress = 1.0
 
     def _make_cache(self) -> Any:

@@ -36,11 +36,17 @@ class Stream:
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pump: Any = None
         self._finished = False
+        #: token ids of the deltas returned so far (in step with the caller)
+        self.tokens: list[int] = []
 
     async def _run_pump(self) -> None:
         try:
+            seen = 0
             async for delta in self._inner:
-                self._items.put(delta)
+                new = self._inner.tokens[seen:]
+                seen = len(self._inner.tokens)
+                self._items.put((delta, new))
+            self._final_tokens = list(self._inner.tokens)
             self._items.put(self._END)
         except BaseException as exc:  # handed to the iterating thread
             self._items.put(exc)
@@ -63,6 +69,7 @@ class Stream:
             raise
         if item is self._END:
             self._finished = True
+            self.tokens = self._final_tokens  # tokens that came with no text delta
             raise StopIteration
         if isinstance(item, BaseException):
             self._finished = True
@@ -70,15 +77,13 @@ class Stream:
                 from runtime.errors import Cancelled
                 raise Cancelled("stream cancelled") from None
             raise item
-        return item
+        delta, new = item
+        self.tokens.extend(new)
+        return delta
 
     @property
     def result(self) -> Completion | None:
         return self._inner.result
-
-    @property
-    def tokens(self) -> list[int]:
-        return self._inner.tokens
 
     def cancel(self) -> None:
         self._finished = True

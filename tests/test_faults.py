@@ -126,7 +126,7 @@ def test_watchdog_restarts_a_wedged_worker_but_not_a_long_generation(fleet) -> N
         long = c.stream("long", "x", max_tokens=250, ignore_eos=True)  # ~3 s of decoding
         t0 = time.monotonic()
         with pytest.raises(WorkerCrashed):
-            c.generate("wedged", "abc", max_tokens=20)
+            c.generate("wedged", "abc", max_tokens=20, ignore_eos=True)
         assert time.monotonic() - t0 < 5
         wait_for(lambda: "no progress" in (next(w for w in c.status()
                                                 if w["model"] == "wedged")["last_exit"] or ""))

@@ -113,6 +113,9 @@ def test_cached_prefix_is_hit_and_gives_the_cold_output(fleet) -> None:
         assert second.stats["cached_tokens"] == shared
         cold = c.generate("cold", system + "Q2, a different question?", max_tokens=10,
                           temperature=0)
+        unsaved = c.call("cold", "generate", {"prompt": "hi", "max_tokens": 2,
+                                              "session": "s", "stream": False})
+        assert unsaved["session_saved"] is False and "prefix_cache" in unsaved["session_error"]
         assert cold.stats["cached_tokens"] == 0 and second.tokens == cold.tokens
         stats = c.info("tiny")["cache"]
         assert stats["hits_ram"] >= 1 and stats["ram_entries"] >= 1

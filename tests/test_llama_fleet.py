@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -185,7 +186,7 @@ def test_generate_greedy_is_deterministic_and_stream_matches(client: Client) -> 
         != s1.tokens
 
 
-def test_eight_concurrent_streams_equal_their_solo_runs(client: Client) -> None:
+def test_eight_concurrent_streams_equal_their_solo_runs(sup: Supervisor, client: Client) -> None:
     prompts = [f"the {w} of the world" for w in
                ("time", "hello", "number", "place", "word", "day", "way", "thing")]
     solo = [client.generate("eight", p, max_tokens=24, temperature=0, ignore_eos=True)
@@ -198,8 +199,17 @@ def test_eight_concurrent_streams_equal_their_solo_runs(client: Client) -> None:
         out[i] = (text, s.result.tokens if s.result else [])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    # On a fast machine a 24-token generation on the tiny model ends before the next
+    # thread has even sent its request.  Pause the worker while all eight are sent, so
+    # they are admitted together (well inside the heartbeat timeout).
+    pid = worker_pid(sup, "eight")
+    kill(pid, signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+    finally:
+        kill(pid, signal.SIGCONT)
     for t in threads:
         t.join(60)
     assert [out.get(i) for i in range(8)] == [(r.text, r.tokens) for r in solo]

@@ -459,8 +459,38 @@ def test_abort(be: LlamaBackend) -> None:
     finally:
         be.set_abort(None)
     assert be.seq_tokens(0) == [5, 6, 7] and be.seq_len(1) == 0
+    # the decode step (a few tokens as a list of ints) takes a leaner path: same rollback
+    be.set_abort(lambda: True)
+    try:
+        with pytest.raises(Cancelled):
+            be.evaluate([(0, [8]), (1, [9, 10])])
+    finally:
+        be.set_abort(None)
+    assert be.seq_tokens(0) == [5, 6, 7] and be.seq_len(1) == 0
     be.evaluate([(0, [8])])
     assert be.sample(0) is not None
+
+
+def test_small_batches_match_the_general_path(be: LlamaBackend) -> None:
+    """Lists of a few ints skip numpy; the result must be the same as through numpy."""
+    import numpy as np
+    prompt = [3, 17, 42, 99, 5]
+    for s in (0, 1):
+        be.set_sampling(s, SamplingParams(temperature=0.0))
+    be.evaluate([(0, prompt), (1, np.array(prompt))])
+    for step in range(6):
+        assert np.array_equal(be._logits[0], be._logits[1])
+        t0, t1 = be.sample(0), be.sample(1)
+        assert t0 == t1 and t0 is not None
+        # seq 0: plain ints (small path); seq 1: a numpy array (general path)
+        be.evaluate([(0, [t0])])
+        be.evaluate([(1, np.array([t1], dtype=np.int64))])
+    assert be.seq_tokens(0) == be.seq_tokens(1) and len(be.seq_tokens(0)) == 11
+    # what the small path refuses, it refuses like the general path
+    for bad in ([True], [-1], [be.info().n_vocab], [1.5]):
+        with pytest.raises(BadRequest):
+            be.evaluate([(0, bad)])
+    assert len(be.seq_tokens(0)) == 11
 
 
 # -- a real model --------------------------------------------------------------------------

@@ -62,6 +62,8 @@ _FLASH = {"auto": -1, "off": 0, "on": 1}
 _LOAD_MODE = {"auto": -1, "none": 0, "mmap": 1, "mlock": 2, "mmap_mlock": 3, "direct_io": 4}
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 _NEG_INF = float("-inf")
+#: batches of at most this many tokens (given as lists of ints) skip numpy
+_SMALL = 16
 
 
 def _cpu_count() -> int:
@@ -519,8 +521,10 @@ class LlamaBackend(Backend):
         self._need()
         if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
             raise BadRequest("batch must be a list of (seq, tokens) pairs")
-        work: list[tuple[int, np.ndarray]] = []
+        work: list[tuple[int, np.ndarray | list[int]]] = []
         seen: set[int] = set()
+        total = 0
+        nv = self.n_vocab
         for item in batch:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise BadRequest("batch items must be (seq, tokens) pairs")
@@ -528,21 +532,67 @@ class LlamaBackend(Backend):
             if s in seen:
                 raise BadRequest(f"sequence {s} appears twice in one batch")
             seen.add(s)
-            toks = self._tok_array(item[1])
-            if len(self._tokens[s]) + toks.size > self.n_ctx:
+            toks: np.ndarray | list[int] = item[1]
+            if (type(toks) is list and len(toks) <= _SMALL
+                    and all(type(t) is int and 0 <= t < nv for t in toks)):
+                n = len(toks)  # the decode step: a few valid ints, no numpy needed
+            else:
+                toks = self._tok_array(toks)
+                n = toks.size
+            if len(self._tokens[s]) + n > self.n_ctx:
                 raise BadRequest(f"sequence {s} would exceed the context: {len(self._tokens[s])} "
-                                 f"+ {toks.size} > n_ctx {self.n_ctx}")
-            if toks.size:
+                                 f"+ {n} > n_ctx {self.n_ctx}")
+            if n:
                 work.append((s, toks))
+                total += n
         if work:
             # llama.cpp splits a batch whose sequences are out of order into more
             # micro-batches (8 sequences in descending order decode ~2x slower)
-            work.sort(key=lambda w: w[0])
-            self._decode(work)
+            if len(work) > 1:
+                work.sort(key=lambda w: w[0])
+            if total <= _SMALL and all(type(t) is list for _, t in work):
+                self._decode_small(work)  # type: ignore[arg-type]
+            else:
+                self._decode([(s, np.asarray(t, dtype=np.int32)) for s, t in work])
+
+    def _decode_small(self, work: list[tuple[int, list[int]]]) -> None:
+        """The steady state of generation (one token per sequence): plain stores into
+        the batch arrays. Decode time is dominated by llama.cpp, but on a small model
+        a hundred microseconds of cache-cold Python per token is a few percent."""
+        bt, bp, bs, bl = self._b_token, self._b_pos, self._b_seq, self._b_logits
+        outs: list[tuple[int, int]] = []
+        i = 0
+        for s, toks in work:
+            pos = len(self._tokens[s])
+            for t in toks:
+                bt[i] = t
+                bp[i] = pos
+                bs[i] = s
+                bl[i] = 0
+                i += 1
+                pos += 1
+            bl[i - 1] = 1
+            outs.append((s, i - 1))
+        try:
+            self._run_chunk(i, outs, {}, False)
+        except BaseException:
+            self._rollback({s: len(self._tokens[s]) for s, _ in work})
+            raise
+        for s, toks in work:
+            self._tokens[s].extend(toks)
+            self._has_logits[s] = True
+
+    def _rollback(self, old_len: dict[int, int]) -> None:
+        """Drop what a failed decode may have appended to each sequence's KV."""
+        L = self.lib
+        for s, n in old_len.items():
+            if not L.llama_memory_seq_rm(self.mem, s, n, -1):
+                L.llama_memory_seq_rm(self.mem, s, -1, -1)
+                self._tokens[s] = []
+                self._has_logits[s] = False
 
     def _decode(self, work: list[tuple[int, np.ndarray]]) -> None:
         """Decode validated work in chunks of n_batch; all-or-nothing on failure."""
-        L = self.lib
         nb = self.n_batch
         old_len = {s: len(self._tokens[s]) for s, _ in work}
         total = sum(t.size for _, t in work)
@@ -575,11 +625,7 @@ class LlamaBackend(Backend):
             if fill:
                 self._run_chunk(fill, done_out, staged, multi)
         except BaseException:
-            for s, _ in work:
-                if not L.llama_memory_seq_rm(self.mem, s, old_len[s], -1):
-                    L.llama_memory_seq_rm(self.mem, s, -1, -1)
-                    self._tokens[s] = []
-                    self._has_logits[s] = False
+            self._rollback(old_len)
             raise
         for s, toks in work:
             self._tokens[s].extend(toks.tolist())
@@ -1057,6 +1103,8 @@ class _SeqSampler:
             add(L.llama_sampler_init_temp(p.temperature))
             add(L.llama_sampler_init_dist(be._seed_for(p)))
         self.has_grammar = grammar != ffi.NULL
+        #: nothing but argmax: no chain, no grammar
+        self.plain = self.pre == ffi.NULL and self.post == ffi.NULL and not self.has_grammar
         self.seq = seq
         self._fed = 0  # tokens of the sequence already fed to the penalties
 
@@ -1125,10 +1173,10 @@ class _SeqSampler:
         return one[0].logit != _NEG_INF
 
     def sample(self, logits: np.ndarray) -> int | None:
-        L, ffi = self.L, self.ffi
-        if self.pre == ffi.NULL and self.post == ffi.NULL and not self.has_grammar:
-            i = int(np.argmax(logits))  # greedy fast path
+        if self.plain:
+            i = int(logits.argmax())  # greedy fast path
             return None if logits[i] == _NEG_INF else i
+        L, ffi = self.L, self.ffi
         if self.penalties != ffi.NULL:
             # the penalties see the sequence's whole history (prompt and generated tokens,
             # as in llama-server), fed from the KV bookkeeping rather than at accept time

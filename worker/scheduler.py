@@ -49,7 +49,8 @@ class Scheduler:
     """Owns the backend's sequences while generations run."""
 
     def __init__(self, backend: Backend, *, send: Send, max_queue: int = 64,
-                 cache: KVCache | None = None, stream_interval: float = 0.0) -> None:
+                 cache: KVCache | None = None, stream_interval: float = 0.0,
+                 wake_watcher: Callable[[], None] | None = None) -> None:
         info = backend.info()
         self.backend = backend
         self.n_seq_max = info.n_seq_max
@@ -67,6 +68,9 @@ class Scheduler:
         self.peak_running = 0  # most generations ever batched together
         #: monotonic time after which the running batch may be aborted (or None)
         self.abort_at: float | None = None
+        #: tells the worker's watcher thread that a new abort time was armed
+        self._wake_watcher = wake_watcher
+        self._armed_for: float | None = None
 
     # -- requests ------------------------------------------------------------------
     @property
@@ -263,6 +267,10 @@ class Scheduler:
         worker's watcher thread raises the backend's abort flag at that time."""
         deadlines = [g.deadline for g, _ in batch]
         self.abort_at = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
+        if self.abort_at is not None and self.abort_at != self._armed_for:
+            self._armed_for = self.abort_at
+            if self._wake_watcher is not None:
+                self._wake_watcher()  # it sleeps until the next heartbeat otherwise
         self.backend.abort(False)
 
     def _evaluate(self, batch: list[tuple[Generation, list[int]]]) -> None:

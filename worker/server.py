@@ -13,6 +13,7 @@ import faulthandler
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -34,8 +35,11 @@ log = logging.getLogger("llamafleet.worker")
 #: Messages read from the socket per loop turn while generations are running,
 #: so a flood of requests cannot starve token production.
 MAX_MESSAGES_PER_TURN = 64
-#: How often the watcher thread checks signals, deadlines and its parent (s).
+#: How often the watcher thread looks while an abort time or a shutdown is pending (s);
+#: otherwise it sleeps until the next heartbeat, a signal or a kick.
 WATCH_INTERVAL = 0.05
+#: the main loop's longest wait when no work is queued (milliseconds)
+IDLE_WAIT_MS = 1000
 
 
 @dataclass
@@ -97,6 +101,12 @@ class Worker:
         self._sigterm_at: float | None = None
         self._parent = os.getppid()
         self._state_changed = threading.Event()
+        # wakes the watcher thread at once (state change, abort deadline armed)
+        self._kick_r, self._kick_w = os.pipe()
+        # wakes the main loop out of its idle wait (SIGTERM)
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._kick_r, self._kick_w, self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
 
     # -- entry point -------------------------------------------------------
     def run(self) -> int:
@@ -131,6 +141,10 @@ class Worker:
         self._draining = True
         if self._sigterm_at is None:
             self._sigterm_at = time.monotonic()
+        try:
+            os.write(self._wake_w, b"t")
+        except OSError:
+            pass
 
     def _hard_stop(self) -> float | None:
         """When in-flight work must be abandoned: shortly before the supervisor's SIGKILL."""
@@ -143,6 +157,13 @@ class Worker:
         if error is not None:
             self.error = error
         self._state_changed.set()
+        self._kick()
+
+    def _kick(self) -> None:
+        try:
+            os.write(self._kick_w, b"k")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
 
     # -- heartbeats ----------------------------------------------------------
     def _heartbeat_loop(self) -> None:
@@ -170,7 +191,22 @@ class Worker:
                     load_progress=self.load_progress, endpoint=self.endpoint,
                     error=self.error, progress=self.progress,
                     inflight=self.scheduler.inflight() if self.scheduler else 0))
-            self._state_changed.wait(min(interval, WATCH_INTERVAL))
+            # Sleep until the next heartbeat unless something must be watched closely:
+            # every wake-up takes a core from the decode threads. A signal (wakeup fd)
+            # or a kick (state change, abort deadline armed) ends the sleep early.
+            timeout = max(0.0, next_beat - time.monotonic())
+            sched = self.scheduler
+            if self._sigterm_at is not None or (sched is not None and sched.abort_at is not None):
+                timeout = min(timeout, WATCH_INTERVAL)
+            try:
+                ready, _, _ = select.select([self._sig_r, self._kick_r], [], [], timeout)
+            except InterruptedError:
+                continue
+            if self._kick_r in ready:
+                try:
+                    os.read(self._kick_r, 4096)
+                except (BlockingIOError, OSError):
+                    pass
 
     def _watch_signals(self) -> None:
         try:
@@ -206,7 +242,8 @@ class Worker:
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
                                    max_queue=int(self.spec.worker_options.get("max_queue", 64)),
                                    stream_interval=float(self.spec.worker_options.get(
-                                       "stream_interval_ms", 20)) / 1000)
+                                       "stream_interval_ms", 20)) / 1000,
+                                   wake_watcher=self._kick)
         self.load_progress = 1.0
 
     def _make_cache(self) -> Any:
@@ -276,6 +313,7 @@ class Worker:
         log.info("worker %s ready on %s", self.spec.model, self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         sched = self.scheduler
         assert sched is not None
         while True:
@@ -286,7 +324,14 @@ class Worker:
                 sched.fail_all(ShuttingDown(f"worker {self.spec.model} stopped before the "
                                             "request finished"))
                 break
-            if poller.poll(0 if sched.active else 50 if sched.busy else 100):
+            # idle, the loop sleeps until a message or SIGTERM arrives
+            events = dict(poller.poll(0 if sched.active else 50 if sched.busy else IDLE_WAIT_MS))
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            if sock in events:
                 for _ in range(MAX_MESSAGES_PER_TURN):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)

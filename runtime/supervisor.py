@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ log = logging.getLogger("llamafleet.supervisor")
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 LOG_TAIL_LINES = 40
+#: the loop's longest sleep when nothing is due (seconds)
+MAX_SLEEP = 1.0
+#: how often exits are polled for where pidfds are not available (seconds)
+EXIT_POLL = 0.05
 
 
 def describe_exit(returncode: int) -> str:
@@ -77,6 +82,8 @@ class WorkerHandle:
     progress: int = 0
     progress_at: float = 0.0
     kill_reason: str | None = None
+    #: a pidfd of ``proc`` (Linux >= 5.3): readable when it exits, so exits wake the loop
+    pidfd: int | None = None
     waiters: list[tuple[bytes, Any, float, int]] = field(default_factory=list)
 
     @property
@@ -110,6 +117,12 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._shutting_down = False
         self._changed = threading.Condition()
+        # stop() and signal handlers wake the loop through this pipe; the loop
+        # otherwise sleeps until its next deadline (no periodic polling)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
     # -- public API ---------------------------------------------------------------
     def start(self) -> "Supervisor":
@@ -126,7 +139,7 @@ class Supervisor:
 
         def on_signal(signum: int, frame: Any) -> None:
             log.info("received %s: shutting down", signal.Signals(signum).name)
-            self._stop.set()
+            self._request_stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -134,10 +147,17 @@ class Supervisor:
 
     def stop(self, timeout: float | None = None) -> None:
         """Graceful shutdown: refuse new lookups, drain workers, stop them."""
-        self._stop.set()
+        self._request_stop()
         if self._thread is not None:
             grace = self.sup.shutdown_grace + 5.0
             self._thread.join(timeout if timeout is not None else grace)
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        try:
+            os.write(self._wake_w, b"s")
+        except OSError:
+            pass  # already woken (pipe full)
 
     def __enter__(self) -> "Supervisor":
         return self.start()
@@ -241,6 +261,7 @@ class Supervisor:
             h.proc = None
             self._on_exit(h, f"could not start: {exc}")
             return
+        h.pidfd = _pidfd_open(h.proc.pid)
         log.info("started worker %s (pid %d, generation %d)", h.model.name, h.proc.pid,
                  h.generation)
         assert h.proc.stdout is not None
@@ -282,9 +303,18 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self._control, zmq.POLLIN)
         poller.register(self._events, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        pidfds: set[int] = set()
         try:
             while not self._stop.is_set():
-                for sock, _ in poller.poll(50):
+                # exits (pidfds), messages and stop() wake the loop; otherwise it
+                # sleeps until the next deadline it watches
+                pidfds = self._watch_exits(poller, pidfds)
+                for sock, _ in poller.poll(self._poll_ms()):
+                    if not isinstance(sock, zmq.Socket):
+                        if sock == self._wake_r:
+                            _drain(self._wake_r)
+                        continue  # a pidfd: _tick reaps the process
                     while True:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -295,7 +325,7 @@ class Supervisor:
                         else:
                             self._on_event(frames)
                 self._tick()
-            self._shutdown(poller)
+            self._shutdown(poller, pidfds)
         except Exception:
             log.exception("supervisor loop crashed; stopping workers")
             self._kill_all()
@@ -304,6 +334,41 @@ class Supervisor:
             self._cleanup()
             self._stopped.set()
             self._notify()
+
+    def _watch_exits(self, poller: zmq.Poller, polled: set[int]) -> set[int]:
+        """Keep the poller's pidfds in step with the live workers."""
+        live = {h.pidfd for h in self.workers.values() if h.pidfd is not None}
+        for fd in polled - live:
+            poller.unregister(fd)
+        for fd in live - polled:
+            poller.register(fd, zmq.POLLIN)
+        return live
+
+    def _poll_ms(self) -> int:
+        """Milliseconds until the loop must look again without being woken."""
+        now = time.monotonic()
+        due = now + MAX_SLEEP
+        for h in self.workers.values():
+            if h.proc is not None:
+                if h.pidfd is None:
+                    due = min(due, now + EXIT_POLL)  # no pidfd: poll for the exit
+                due = min(due, h.last_heartbeat + self.sup.heartbeat_timeout)
+                if h.state == "ready" and h.inflight:
+                    due = min(due, h.progress_at + self.sup.progress_timeout)
+                elif h.state in ("starting", "restarting"):
+                    due = min(due, h.started_at + self.sup.startup_timeout)
+            elif h.state == "restarting" and h.next_start_at is not None:
+                due = min(due, h.next_start_at)
+            for _, _, deadline, _ in h.waiters:
+                due = min(due, deadline)
+        return max(0, int((due - now) * 1000) + 1)
+
+    def _reap(self, h: WorkerHandle) -> None:
+        """Forget an exited (and waited-for) worker process."""
+        h.proc = None
+        if h.pidfd is not None:
+            os.close(h.pidfd)
+            h.pidfd = None
 
     def _notify(self) -> None:
         with self._changed:
@@ -317,7 +382,7 @@ class Supervisor:
                 if rc is not None:
                     h.proc.wait()
                     reason = h.kill_reason or describe_exit(rc)
-                    h.proc = None
+                    self._reap(h)
                     self._on_exit(h, reason)
                     continue
                 silent = now - h.last_heartbeat
@@ -449,7 +514,7 @@ class Supervisor:
                     "workers": self.status(), "address": self.address, "pid": os.getpid()}))
             elif cmd == "shutdown":
                 self._reply(peer, protocol.result(req_id, {"stopping": True}))
-                self._stop.set()
+                self._request_stop()
             elif cmd == "lookup":
                 self._lookup(peer, req_id, args["model"], args["wait_ms"],
                              args["after_generation"])
@@ -489,7 +554,7 @@ class Supervisor:
         self._reply(peer, protocol.error(req_id, err))
 
     # -- shutdown -------------------------------------------------------------------------
-    def _shutdown(self, poller: zmq.Poller) -> None:
+    def _shutdown(self, poller: zmq.Poller, pidfds: set[int]) -> None:
         self._shutting_down = True
         log.info("stopping %d worker(s) (grace %.1fs)", len(self.workers),
                  self.sup.shutdown_grace)
@@ -506,7 +571,12 @@ class Supervisor:
                 h.state = "stopped"
         deadline = time.monotonic() + self.sup.shutdown_grace
         while time.monotonic() < deadline and any(h.proc for h in self.workers.values()):
+            pidfds = self._watch_exits(poller, pidfds)
             for sock, _ in poller.poll(50):
+                if not isinstance(sock, zmq.Socket):
+                    if sock == self._wake_r:
+                        _drain(self._wake_r)
+                    continue
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -520,7 +590,7 @@ class Supervisor:
             if h.proc is not None:
                 self._kill(h, "did not stop within the shutdown grace period")
                 h.proc.wait()
-                h.proc = None
+                self._reap(h)
                 h.state = "stopped"
 
     def _kill_all(self) -> None:
@@ -528,7 +598,7 @@ class Supervisor:
             if h.proc is not None:
                 h.proc.kill()
                 h.proc.wait()
-                h.proc = None
+                self._reap(h)
 
     def _cleanup(self) -> None:
         for s in (getattr(self, "_control", None), getattr(self, "_events", None)):
@@ -548,6 +618,30 @@ class Supervisor:
             self._lock_fd = None
         self._ctx.term()
         log.info("supervisor stopped")
+
+
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for ``pid`` (readable once it exits), or None where unsupported."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _crash_detail(tail: deque[str]) -> str | None:

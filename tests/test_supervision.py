@@ -287,3 +287,38 @@ def test_a_second_supervisor_on_the_same_directory_is_refused(fleet, short_dir) 
     fleet({"tiny": {"backend": "fake"}})
     with pytest.raises(RuntimeError, match="another supervisor"):
         Supervisor(make_config(short_dir, {"tiny": {"backend": "fake"}})).start()
+
+
+def _voluntary_switches(pid: int, tids: set[int] | None = None) -> int:
+    """Times the threads of ``pid`` (or those in ``tids``) went to sleep and woke up."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if tids is not None and int(task.name) not in tids:
+            continue
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_an_idle_fleet_sleeps_and_still_stops_at_once(fleet) -> None:
+    # Wake-ups of idle processes take cores from the decode threads of busy ones.
+    # At heartbeat_interval 0.5 s an idle worker wakes a few times a second in all
+    # (it was ~35/s with a 50 ms watcher and a 100 ms idle poll), the supervisor
+    # loop ~2/s (it was ~22/s polling every 50 ms for exits).
+    sup = fleet({"a": {"backend": "fake"}}, heartbeat_interval=0.5, heartbeat_timeout=5.0)
+    pid = worker_pid(sup, "a")
+    assert sup._thread is not None and sup._thread.native_id is not None
+    loop_tid = {sup._thread.native_id}
+    time.sleep(0.5)
+    w0, s0 = _voluntary_switches(pid), _voluntary_switches(os.getpid(), loop_tid)
+    time.sleep(3.0)
+    w1, s1 = _voluntary_switches(pid), _voluntary_switches(os.getpid(), loop_tid)
+    assert (w1 - w0) / 3.0 < 12, f"idle worker woke {(w1 - w0) / 3.0:.1f} times/s"
+    assert (s1 - s0) / 3.0 < 6, f"idle supervisor loop woke {(s1 - s0) / 3.0:.1f} times/s"
+    # sleeping is no excuse for a slow shutdown: SIGTERM and stop() wake both loops
+    t0 = time.monotonic()
+    sup.stop()
+    assert time.monotonic() - t0 < 0.8
+    assert sup.status()[0]["state"] == "stopped" and not pid_alive(pid)

@@ -381,10 +381,11 @@ class AsyncClient:
         if not call.queue.empty():  # streaming fast path: no timer, no extra task
             msg = call.queue.get_nowait()
         else:
-            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
             try:
-                msg = await asyncio.wait_for(call.queue.get(), timeout)
-            except asyncio.TimeoutError:
+                # a timer on this task, not wait_for's extra task per reply
+                async with asyncio.timeout_at(deadline):
+                    msg = await call.queue.get()
+            except TimeoutError:
                 raise RequestTimeout(f"no reply from model {call.conn.model} in time") from None
         if isinstance(msg, LlamafleetError):
             raise msg

@@ -27,7 +27,7 @@ WORKER_OPTIONS: dict[str, tuple[tuple[type, ...], Any]] = {
     "cache_disk_mb": ((int,), 2048),      # disk tier budget
     "cache_min_tokens": ((int,), 32),     # shortest prefix worth caching/restoring
     "adapter_dirs": ((list,), None),      # where load_adapter may read (default: model's dir)
-    "stream_interval_ms": ((int, float), 20),  # coalesce streamed deltas (0: every token)
+    "stream_interval_ms": ((int, float), 50),  # coalesce streamed deltas (0: every token)
 }
 
 

@@ -216,3 +216,38 @@ def test_stream_deltas_are_coalesced_but_the_first_goes_out_at_once(fleet) -> No
         assert len(every[0]) == 120
         assert 2 <= len(coalesced[0]) < 40  # ~0.3 s of decoding in 50 ms windows
         assert len(coalesced[0][0]) == 1  # the first token was not held back
+
+
+def test_streams_share_one_flush_clock() -> None:
+    """Coalesced chunks of concurrent streams leave in the same ticks, so a client
+    reading several streams wakes once per interval rather than once per stream."""
+    from backends import get_backend
+    from runtime.sampling import SamplingParams
+    from worker.generation import Generation
+    from worker.scheduler import Scheduler
+
+    be = get_backend("fake")({"token_delay": 0.002, "n_seq_max": 4})
+    be.load()
+    sched: Scheduler
+    sends: list[tuple[int, int, str]] = []  # (tick, request, kind)
+    sched = Scheduler(be, send=lambda peer, req_id, kind, data: sends.append(
+        (sched.ticks, req_id, kind)), stream_interval=0.02)
+
+    def gen(req_id: int, n: int) -> Generation:
+        return Generation(peer=b"p", req_id=req_id, stream=True, prompt_tokens=[1, 2, 3],
+                          params=SamplingParams(temperature=0), max_tokens=n, stop=[],
+                          ignore_eos=True, seq=None, deadline=None, session=None)
+
+    sched.submit(gen(1, 150))
+    for _ in range(7):  # the second stream starts out of phase with the first
+        sched.tick()
+    sched.submit(gen(2, 100))
+    while sched.busy:
+        sched.tick()
+    chunks = {r: [t for t, req, kind in sends if req == r and kind == "chunk"] for r in (1, 2)}
+    assert len(chunks[1]) >= 5 and len(chunks[2]) >= 4  # coalesced, yet several chunks
+    # after its first (sent at once) and before its last, every chunk of stream 2
+    # left in a tick where stream 1 sent one too
+    assert set(chunks[2][1:-1]) <= set(chunks[1])
+    # and neither stream sent a chunk per token
+    assert len(chunks[1]) < 150 / 3

@@ -71,6 +71,8 @@ class Scheduler:
         #: tells the worker's watcher thread that a new abort time was armed
         self._wake_watcher = wake_watcher
         self._armed_for: float | None = None
+        #: when the coalesced stream output of every running generation goes out next
+        self._flush_at = 0.0
 
     # -- requests ------------------------------------------------------------------
     @property
@@ -260,6 +262,15 @@ class Scheduler:
                     self._sample(g)
             if g.done:
                 self._finish(g)
+        if self.stream_interval > 0:
+            now = time.monotonic()
+            if now >= self._flush_at:
+                # one clock for every stream: their chunks leave in the same tick, so
+                # a client reading several streams wakes once per interval, not per stream
+                self._flush_at = now + self.stream_interval
+                for g in self.running.values():
+                    if g.out_text or g.out_tokens:
+                        self._flush(g, now)
 
     def _arm_abort(self, batch: list[tuple[Generation, list[int]]]) -> None:
         """Publish when this batch may be stopped mid-compute: once every request
@@ -327,13 +338,12 @@ class Scheduler:
         if g.stream:
             g.out_text += delta
             g.out_tokens += g.tokens[n_before:]
-            now = time.monotonic()
-            # the first delta goes out at once (time to first token); later ones are
-            # coalesced for up to stream_interval, which saves the client a wake-up
-            # per token; whatever is left goes out before the result
+            # the first delta goes out at once (time to first token); later ones wait
+            # for the tick's flush clock (stream_interval), which saves the client a
+            # wake-up per token; whatever is left goes out before the result
             if (g.out_text or g.out_tokens) and (
-                    g.done or g.last_flush == 0.0 or now - g.last_flush >= self.stream_interval):
-                self._flush(g, now)
+                    g.done or g.last_flush == 0.0 or self.stream_interval <= 0):
+                self._flush(g, time.monotonic())
 
     def _flush(self, g: Generation, now: float) -> None:
         if g.out_text or g.out_tokens:

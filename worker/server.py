@@ -242,7 +242,7 @@ class Worker:
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
                                    max_queue=int(self.spec.worker_options.get("max_queue", 64)),
                                    stream_interval=float(self.spec.worker_options.get(
-                                       "stream_interval_ms", 20)) / 1000,
+                                       "stream_interval_ms", 50)) / 1000,
                                    wake_watcher=self._kick)
         self.load_progress = 1.0
 

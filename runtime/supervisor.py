@@ -42,6 +42,8 @@ log = logging.getLogger("llamafleet.supervisor")
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 LOG_TAIL_LINES = 40
+#: how long an exit report may wait for the worker's last output lines (seconds)
+LOG_DRAIN_TIMEOUT = 2.0
 #: the loop's longest sleep when nothing is due (seconds)
 MAX_SLEEP = 1.0
 #: how often exits are polled for where pidfds are not available (seconds)
@@ -84,6 +86,10 @@ class WorkerHandle:
     kill_reason: str | None = None
     #: a pidfd of ``proc`` (Linux >= 5.3): readable when it exits, so exits wake the loop
     pidfd: int | None = None
+    #: set when the thread copying the worker's output into ``log_tail`` reached EOF
+    log_eof: threading.Event | None = None
+    #: when the exit was first seen while the pump was still reading the last output
+    exited_at: float | None = None
     waiters: list[tuple[bytes, Any, float, int]] = field(default_factory=list)
 
     @property
@@ -154,8 +160,12 @@ class Supervisor:
 
     def _request_stop(self) -> None:
         self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop (from any thread)."""
         try:
-            os.write(self._wake_w, b"s")
+            os.write(self._wake_w, b"w")
         except OSError:
             pass  # already woken (pipe full)
 
@@ -265,10 +275,11 @@ class Supervisor:
         log.info("started worker %s (pid %d, generation %d)", h.model.name, h.proc.pid,
                  h.generation)
         assert h.proc.stdout is not None
-        threading.Thread(target=self._pump_log, args=(h, h.proc.stdout), daemon=True,
-                         name=f"log-{h.model.name}").start()
+        h.log_eof = threading.Event()
+        threading.Thread(target=self._pump_log, args=(h, h.proc.stdout, h.log_eof),
+                         daemon=True, name=f"log-{h.model.name}").start()
 
-    def _pump_log(self, h: WorkerHandle, stream: IO[bytes]) -> None:
+    def _pump_log(self, h: WorkerHandle, stream: IO[bytes], eof: threading.Event) -> None:
         """Forward a worker's output to our log and keep its tail for exit reports."""
         wlog = logging.getLogger(f"llamafleet.worker.{h.model.name}")
         for raw in iter(stream.readline, b""):
@@ -277,6 +288,8 @@ class Supervisor:
                 h.log_tail.append(line)
                 wlog.info("%s", line)
         stream.close()
+        eof.set()
+        self._wake()  # an exit report may be waiting for this
 
     def _worker_env(self, h: WorkerHandle) -> dict[str, str]:
         import json
@@ -337,7 +350,8 @@ class Supervisor:
 
     def _watch_exits(self, poller: zmq.Poller, polled: set[int]) -> set[int]:
         """Keep the poller's pidfds in step with the live workers."""
-        live = {h.pidfd for h in self.workers.values() if h.pidfd is not None}
+        live = {h.pidfd for h in self.workers.values()
+                if h.pidfd is not None and h.exited_at is None}
         for fd in polled - live:
             poller.unregister(fd)
         for fd in live - polled:
@@ -349,7 +363,9 @@ class Supervisor:
         now = time.monotonic()
         due = now + MAX_SLEEP
         for h in self.workers.values():
-            if h.proc is not None:
+            if h.exited_at is not None:
+                due = min(due, h.exited_at + LOG_DRAIN_TIMEOUT)
+            elif h.proc is not None:
                 if h.pidfd is None:
                     due = min(due, now + EXIT_POLL)  # no pidfd: poll for the exit
                 due = min(due, h.last_heartbeat + self.sup.heartbeat_timeout)
@@ -379,15 +395,16 @@ class Supervisor:
         for h in self.workers.values():
             if h.proc is not None:
                 rc = h.proc.poll()
-                if rc is not None:
-                    h.proc.wait()
-                    reason = h.kill_reason or describe_exit(rc)
-                    self._reap(h)
-                    self._on_exit(h, reason)
-                    continue
                 silent = now - h.last_heartbeat
                 stuck = now - h.progress_at
-                if silent > self.sup.heartbeat_timeout and h.kill_reason is None:
+                if rc is not None:
+                    if not self._output_pending(h, now):  # else the pump wakes us later
+                        h.proc.wait()
+                        reason = h.kill_reason or describe_exit(rc)
+                        self._reap(h)
+                        self._on_exit(h, reason)
+                        continue
+                elif silent > self.sup.heartbeat_timeout and h.kill_reason is None:
                     self._kill(h, f"no heartbeat for {silent:.1f}s")
                 elif (h.state == "ready" and h.inflight and h.kill_reason is None
                       and stuck > self.sup.progress_timeout):
@@ -409,6 +426,19 @@ class Supervisor:
                     else:
                         keep.append((peer, req_id, deadline, after))
                 h.waiters = keep
+
+    def _output_pending(self, h: WorkerHandle, now: float) -> bool:
+        """Whether an exited worker's last output lines (a fatal error's traceback) are
+        still being read: its pidfd reports the exit at once, before the pump is done."""
+        if h.log_eof is None or h.log_eof.is_set():
+            h.exited_at = None
+            return False
+        if h.exited_at is None:
+            h.exited_at = now
+        if now - h.exited_at < LOG_DRAIN_TIMEOUT:
+            return True
+        h.exited_at = None  # a stuck pipe: report without the rest
+        return False
 
     def _kill(self, h: WorkerHandle, reason: str) -> None:
         log.warning("killing worker %s (pid %s): %s", h.model.name, h.pid, reason)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-bench and llama-server from the same llama.cpp
-# that llama-cpp-python 0.3.36 vendors, so the peers run the same kernels as
-# our libllama. Output: $LLAMAFLEET_PEERS_DIR (default ~/.cache/llamafleet/peers)
-# /bin/llama-bench and /bin/llama-server.
+# Build llama.cpp's own llama-bench, llama-batched-bench and llama-server from the
+# same llama.cpp that llama-cpp-python 0.3.36 vendors, so the peers run the same
+# kernels as our libllama. Output: $LLAMAFLEET_PEERS_DIR (default
+# ~/.cache/llamafleet/peers)/bin/{llama-bench,llama-batched-bench,llama-server}.
 #
 #   bash bench/build_peers.sh            # download the sdist with pip, build
 #   SDIST=/tmp/dl/llama_cpp_python-0.3.36.tar.gz bash bench/build_peers.sh
@@ -15,7 +15,9 @@ JOBS="${JOBS:-$(nproc)}"
 WORK="$DEST/src"
 mkdir -p "$DEST/bin" "$WORK"
 
-if [[ -x "$DEST/bin/llama-bench" && -x "$DEST/bin/llama-server" && -z "${FORCE:-}" ]]; then
+TOOLS=(llama-bench llama-batched-bench llama-server)
+if [[ -x "$DEST/bin/llama-bench" && -x "$DEST/bin/llama-batched-bench" \
+      && -x "$DEST/bin/llama-server" && -z "${FORCE:-}" ]]; then
     echo "peers already built in $DEST/bin (FORCE=1 to rebuild)"
     exit 0
 fi
@@ -50,9 +52,9 @@ if command -v ninja >/dev/null 2>&1; then CMAKE_ARGS+=(-G Ninja); fi
 
 BUILD="$WORK/build"
 cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" "${CMAKE_ARGS[@]}"
-cmake --build "$BUILD" --config Release -j "$JOBS" --target llama-bench llama-server
+cmake --build "$BUILD" --config Release -j "$JOBS" --target "${TOOLS[@]}"
 
-for t in llama-bench llama-server; do
+for t in "${TOOLS[@]}"; do
     cp "$BUILD/bin/$t" "$DEST/bin/$t"
 done
-echo "built: $DEST/bin/llama-bench $DEST/bin/llama-server"
+echo "built: ${TOOLS[*]} in $DEST/bin"

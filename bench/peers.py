@@ -1,6 +1,8 @@
-"""llama.cpp's own tools as peers: ``llama-bench`` and ``llama-server``.
+"""llama.cpp's own tools as peers: ``llama-bench``, ``llama-batched-bench`` and
+``llama-server``.
 
-Binaries are looked up in ``$LLAMAFLEET_LLAMA_BENCH`` / ``$LLAMAFLEET_LLAMA_SERVER``,
+Binaries are looked up in ``$LLAMAFLEET_LLAMA_BENCH`` / ``$LLAMAFLEET_LLAMA_BATCHED_BENCH``
+/ ``$LLAMAFLEET_LLAMA_SERVER``,
 then the cache bench/build_peers.sh builds into (``$LLAMAFLEET_PEERS_DIR``,
 default ``~/.cache/llamafleet/peers/bin``), then ``PATH``.
 """
@@ -41,8 +43,37 @@ def find_llama_bench() -> str | None:
     return find_binary("llama-bench", "LLAMAFLEET_LLAMA_BENCH")
 
 
+def find_llama_batched_bench() -> str | None:
+    return find_binary("llama-batched-bench", "LLAMAFLEET_LLAMA_BATCHED_BENCH")
+
+
 def find_llama_server() -> str | None:
     return find_binary("llama-server", "LLAMAFLEET_LLAMA_SERVER")
+
+
+def run_llama_batched_bench(binary: str, model: str, threads: int, n_ctx: int,
+                            prompt: int, n_gen: int, parallel: tuple[int, ...] = (1, 2, 4, 8),
+                            timeout: float = 900) -> dict[str, Any]:
+    """``llama-batched-bench``: llama.cpp decoding ``B`` sequences in one batch, no
+    server, no IPC. Its text-generation speed at B=8 over B=1 is what batching
+    itself can give on this machine and library."""
+    cmd = [binary, "-m", model, "-t", str(threads), "-tb", str(threads),
+           "-c", str(max(n_ctx, max(parallel) * (prompt + n_gen) + 64)),
+           "-npp", str(prompt), "-ntg", str(n_gen),
+           "-npl", ",".join(str(p) for p in parallel), "--output-format", "jsonl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench failed ({proc.returncode}): "
+                           f"{proc.stderr[-500:]}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    by_pl = {int(r["pl"]): r for r in rows if "pl" in r}
+    if not by_pl:
+        raise RuntimeError("llama-batched-bench printed no results")
+    tg = {pl: float(r["speed_tg"]) for pl, r in sorted(by_pl.items())}
+    return {"tg_tokens_per_s": {str(pl): v for pl, v in tg.items()},
+            "pp_tokens_per_s": {str(pl): float(r["speed_pp"]) for pl, r in sorted(by_pl.items())},
+            "scaling_8": tg[8] / tg[1] if 8 in tg and 1 in tg else None,
+            "command": " ".join(cmd)}
 
 
 def run_llama_bench(binary: str, model: str, threads: int, n_gen: int = 128,

@@ -60,6 +60,15 @@ def test_concurrency(doc: dict) -> None:
     for r in rows:
         assert _positive(r["tokens_per_s"]) and _positive(r["ttft_ms_p50"])
         assert r["requests"] >= r["clients"]
+    # llama.cpp's own batched decode, where bench/build_peers.sh built it: the ceiling
+    bb = doc["llama_batched_bench"]
+    ceiling = doc["goals"]["c8_vs_single"]["ceiling"]
+    if bb is None:
+        assert ceiling is None
+    else:
+        assert set(bb["tg_tokens_per_s"]) == {"1", "2", "4", "8"}
+        assert all(_positive(v) for v in bb["tg_tokens_per_s"].values())
+        assert ceiling == bb["scaling_8"] and _positive(ceiling)
 
 
 def test_rtt_kv_recovery(doc: dict) -> None:

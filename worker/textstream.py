@@ -17,8 +17,15 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = [s for s in (stop or []) if s]
         self._held = ""
-        self.text = ""  # everything released so far
+        self._parts: list[str] = []  # released deltas (joined on demand: no O(n^2) +=)
         self.stopped: str | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything released so far."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def push(self, piece: bytes) -> str:
         """Feed one token's bytes; return the text that may be released now."""
@@ -45,7 +52,7 @@ class TextStream:
                     cut, self.stopped = i, s
             if cut >= 0:
                 out, self._held = held[:cut], ""
-                self.text += out
+                self._parts.append(out)
                 return out
             if not final:
                 keep = 0
@@ -55,8 +62,8 @@ class TextStream:
                             keep = max(keep, n)
                             break
                 out, self._held = held[: len(held) - keep], held[len(held) - keep:]
-                self.text += out
+                self._parts.append(out)
                 return out
         out, self._held = held, ""
-        self.text += out
+        self._parts.append(out)
         return out

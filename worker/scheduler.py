@@ -73,6 +73,8 @@ class Scheduler:
         self._armed_for: float | None = None
         #: when the coalesced stream output of every running generation goes out next
         self._flush_at = 0.0
+        #: a generation with a deadline may be queued or running (cleared by _expire)
+        self._timed = False
 
     # -- requests ------------------------------------------------------------------
     @property
@@ -97,6 +99,8 @@ class Scheduler:
         """Queue a validated generation (raises Overloaded/BadRequest at once)."""
         if g.key in self.running or any(q.key == g.key for q in self.queue):
             raise BadRequest(f"request id {g.req_id} is already running")
+        if g.deadline is not None:
+            self._timed = True
         if g.explicit_seq:
             assert g.seq is not None
             owner = self.owner(g.seq)
@@ -352,14 +356,21 @@ class Scheduler:
         g.last_flush = now
 
     def _expire(self) -> None:
+        if not self._timed:
+            return
         now = time.monotonic()
+        timed = False
         for g in list(self.queue) + list(self.running.values()):
-            if g.deadline is not None and now > g.deadline:
+            if g.deadline is None:
+                continue
+            timed = True
+            if now > g.deadline:
                 if g in self.queue:
                     self.queue.remove(g)
                 self._fail(g, RequestTimeout(
                     f"request {g.req_id} passed its deadline",
                     data={"tokens": g.tokens, "text": g.text.text}))
+        self._timed = timed
 
     # -- endings ---------------------------------------------------------------------------
     def _finish(self, g: Generation) -> None:

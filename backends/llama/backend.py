@@ -295,6 +295,7 @@ class LlamaBackend(Backend):
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
         self._piece_buf = ffi.new("char[]", 256)
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
 
         if self._abort_fn is not None:
             self.set_abort(self._abort_fn)
@@ -419,6 +420,8 @@ class LlamaBackend(Backend):
         return arr.astype(np.int32, copy=False)
 
     def _check_token(self, token: int) -> int:
+        if type(token) is int and 0 <= token < self.n_vocab:
+            return token
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
             raise BadRequest(f"token id must be an integer, got {type(token).__name__}")
         t = int(token)
@@ -453,6 +456,13 @@ class LlamaBackend(Backend):
     def token_to_piece(self, token: int, special: bool = True) -> bytes:
         self._need()
         t = self._check_token(token)
+        cache = self._pieces[bool(special)]
+        piece = cache.get(t)
+        if piece is None:  # a vocabulary's pieces never change: look each up once
+            piece = cache[t] = self._token_to_piece(t, bool(special))
+        return piece
+
+    def _token_to_piece(self, t: int, special: bool) -> bytes:
         ffi, L = self.ffi, self.lib
         n = L.llama_token_to_piece(self.vocab, t, self._piece_buf, 256, 0, bool(special))
         if n >= 0:
@@ -519,6 +529,12 @@ class LlamaBackend(Backend):
 
     def evaluate(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
         self._need()
+        if type(batch) is list:
+            small = self._small_work(batch)
+            if small is not None:
+                if small:
+                    self._decode_small(small)
+                return
         if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
             raise BadRequest("batch must be a list of (seq, tokens) pairs")
         work: list[tuple[int, np.ndarray | list[int]]] = []
@@ -554,6 +570,34 @@ class LlamaBackend(Backend):
                 self._decode_small(work)  # type: ignore[arg-type]
             else:
                 self._decode([(s, np.asarray(t, dtype=np.int32)) for s, t in work])
+
+    def _small_work(self, batch: list[Any]) -> list[tuple[int, list[int]]] | None:
+        """``batch`` sorted by sequence when it is the decode step's shape, valid, and
+        at most _SMALL tokens; None sends it down the general path (which also gives
+        the precise error for anything invalid)."""
+        nv, nsm, n_ctx, toks_of = self.n_vocab, self.n_seq_max, self.n_ctx, self._tokens
+        work: list[tuple[int, list[int]]] = []
+        seen: set[int] = set()
+        total = 0
+        for item in batch:
+            if type(item) is not tuple or len(item) != 2:
+                return None
+            s, toks = item
+            if type(s) is not int or not 0 <= s < nsm or s in seen or type(toks) is not list:
+                return None
+            seen.add(s)
+            n = len(toks)
+            total += n
+            if total > _SMALL or len(toks_of[s]) + n > n_ctx:
+                return None
+            for t in toks:
+                if type(t) is not int or not 0 <= t < nv:
+                    return None
+            if n:
+                work.append(item)
+        if len(work) > 1:
+            work.sort(key=lambda w: w[0])
+        return work
 
     def _decode_small(self, work: list[tuple[int, list[int]]]) -> None:
         """The steady state of generation (one token per sequence): plain stores into

@@ -196,14 +196,17 @@ def test_bad_ids_rejected(be: LlamaBackend) -> None:
 
 
 def test_long_prompt_chunks_and_fills_context(be: LlamaBackend) -> None:
+    import numpy as np
     prompt = [(i * 7) % 500 + 5 for i in range(200)]  # > n_batch (64): several chunks
     be.evaluate([(0, prompt)])
     assert be.seq_tokens(0) == prompt
-    a = be.sample(0)
+    whole = be._logits[0].copy()
     be.seq_clear(0)
     for i in range(0, 200, 50):
         be.evaluate([(0, prompt[i:i + 50])])
-    assert be.sample(0) == a
+    # the same logits up to float rounding (other splits, other accumulation order);
+    # comparing sampled tokens instead flips on a near-tie now and then
+    np.testing.assert_allclose(be._logits[0], whole, rtol=1e-3, atol=1e-3)
     be.evaluate([(0, [5] * 56)])
     assert be.seq_len(0) == 256
     with pytest.raises(BadRequest):

@@ -372,8 +372,9 @@ class AsyncClient:
             raise Cancelled("client closed")
         conn = await self._conn(model, deadline)
         call = _Call(next(self._ids), conn)
+        frame = protocol.request(call.id, cmd, args)  # BadRequest before it is registered
         conn.calls[call.id] = call
-        await conn.sock.send(protocol.request(call.id, cmd, args))
+        await conn.sock.send(frame)
         return call
 
     async def _next(self, call: _Call, deadline: float | None) -> dict[str, Any]:

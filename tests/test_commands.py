@@ -223,6 +223,10 @@ def test_bad_requests_are_typed_and_the_worker_keeps_serving(client: Client) -> 
         client.generate("tiny", "x", no_such_knob=1)
     with pytest.raises(NotFound, match="no model named"):
         client.ping("nope")
+    # what msgpack cannot carry (found by the long fuzz run) is refused on the client side
+    with pytest.raises(BadRequest, match="cannot be encoded"):
+        client.call("tiny", "set_sampling", {"seq": 0, "sampling": {"logit_bias": {10**30: 0.0}}})
+    assert not any(conn.calls for conn in client._async._conns.values())  # nothing left behind
     assert client.ping("tiny")["pong"]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import threading
 from types import ModuleType
@@ -26,6 +27,14 @@ __all__ = ["json_schema_to_gbnf"]
 _MODULE_NAME = "_llamafleet_llama_grammar"
 _lock = threading.Lock()
 _module: ModuleType | None = None
+#: Largest repetition bound a schema may ask for (llama.cpp's MAX_REPETITION_THRESHOLD,
+#: as for GBNF ``{m,n}``): the converter writes out bounded repetitions one element at a
+#: time, so ``maxLength: 2147483647`` would hold the worker for minutes and take
+#: gigabytes before any other check could see the grammar.
+MAX_SCHEMA_REPETITION = 2000
+_BOUND_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties",
+               "maxProperties")
+_PATTERN_BOUND = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 #: One JSON string character: unescaped (no '"', '\\', controls, DEL) or an escape.
 _CHAR_RULE = r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
@@ -88,6 +97,7 @@ def json_schema_to_gbnf(schema: dict[str, Any] | bool | str) -> str:
     except (TypeError, ValueError) as e:
         raise BadRequest(f"JSON schema is not JSON-serialisable: {e}") from None
 
+    _check_bounds(schema)
     module = _converter_module()
     try:
         grammar = module.json_schema_to_gbnf(text)
@@ -109,3 +119,27 @@ def json_schema_to_gbnf(schema: dict[str, Any] | bool | str) -> str:
     except RecursionError:
         raise BadRequest("JSON schema produces a grammar too deeply nested to use") from None
     return grammar
+
+
+def _check_bounds(schema: Any) -> None:
+    """BadRequest for a repetition bound (length/items keyword, ``{m,n}`` in a
+    pattern) above MAX_SCHEMA_REPETITION, anywhere in the schema."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _BOUND_KEYS and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool) and value > MAX_SCHEMA_REPETITION:
+                    raise BadRequest(f"JSON schema {key} {value} exceeds "
+                                     f"{MAX_SCHEMA_REPETITION} (the grammar grows with it)")
+                if key == "pattern" and isinstance(value, str):
+                    for m in _PATTERN_BOUND.finditer(value):
+                        for n in m.groups():
+                            if n and int(n) > MAX_SCHEMA_REPETITION:
+                                raise BadRequest(
+                                    f"JSON schema pattern repetition {{{m.group(0)[1:-1]}}} "
+                                    f"exceeds {MAX_SCHEMA_REPETITION}")
+                stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)

@@ -785,6 +785,12 @@ REGRESSIONS = [
     ("set_sampling", {"seq": 0, "sampling": {"logit_bias": {math.inf: 1.0}}}),
     ("set_sampling", {"seq": 0, "sampling": {"json_schema": {"a": b"x"}}}),
     ("set_grammar", {"seq": 0, "json_schema": {"type": "string", "maxLength": 8738}}),
+    # bounds the converter writes out element by element: minutes of GIL-held string
+    # building, so the worker missed its heartbeats and was killed, again on each replay
+    ("set_grammar", {"seq": 0, "json_schema": {"type": "string", "minLength": 0,
+                                               "maxLength": 2147483647}}),
+    ("set_grammar", {"seq": 0, "json_schema": {"type": "string",
+                                               "pattern": "^a{0,2147483647}$"}}),
     ("generate", {"prompt": "hello hello", "max_tokens": 8, "stream": False,
                   "sampling": {"repeat_penalty": 0, "temperature": 0}}),
 ]

@@ -445,6 +445,25 @@ def test_json_schema_invalid(schema: Any) -> None:
         json_schema_to_gbnf(schema)
 
 
+@pytest.mark.parametrize("schema,what", [
+    ({"type": "string", "maxLength": 2147483647}, "maxLength"),
+    ({"type": "string", "minLength": 10**30}, "minLength"),
+    ({"type": "array", "items": {"type": "string", "maxLength": 5000}}, "maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x{3,99999}$"}}},
+     "pattern"),
+])
+def test_json_schema_huge_bounds_are_refused_at_once(schema: dict[str, Any], what: str) -> None:
+    """The converter writes bounded repetitions out element by element; a bound in the
+    billions used to hold the worker (and its GIL) for minutes."""
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(BadRequest, match=what):
+        json_schema_to_gbnf(schema)
+    assert time.monotonic() - t0 < 1.0
+    # bounds up to the limit still work
+    assert json_schema_to_gbnf({"type": "string", "maxLength": 64, "pattern": "^a{1,64}$"})
+
+
 def test_json_schema_does_not_import_llama_cpp() -> None:
     import subprocess
     code = ("import sys; from backends.json_schema import json_schema_to_gbnf; "

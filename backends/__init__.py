@@ -2,46 +2,36 @@
 
 ``get_backend(name)`` returns the class registered under ``name``. Built-in:
 ``fake`` (deterministic, for tests) and ``llama`` (libllama through cffi).
-Third parties register theirs with :func:`register_backend`.
+Third parties add theirs with :func:`register_backend` (in-process), an entry
+point in the ``llamafleet.backends`` group (installed), or a ``module:Class``
+path in the configuration.
 """
 
 from __future__ import annotations
 
-import importlib
+from llamafleet.backends.base import Backend, ModelInfo, ProgressCallback
+from llamafleet.runtime import plugins
+from llamafleet.runtime.errors import BadRequest
 
-from backends.base import Backend, ModelInfo, ProgressCallback
-from runtime.errors import BadRequest
-
-_BUILTIN = {
-    "fake": "backends.fake:FakeBackend",
-    "llama": "backends.llama.backend:LlamaBackend",
-}
-_REGISTRY: dict[str, type[Backend]] = {}
+backend_names = plugins.backend_names
 
 
 def register_backend(name: str, cls: type[Backend]) -> None:
     """Make ``cls`` available under ``name`` (overrides a built-in)."""
-    _REGISTRY[name] = cls
-
-
-def backend_names() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_REGISTRY))
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"{cls!r} is not a Backend subclass")
+    plugins.register_backend(name, cls)
 
 
 def get_backend(name: str) -> type[Backend]:
-    """The backend class registered under ``name``; BadRequest if unknown.
-
-    ``module:Class`` paths are accepted too, for out-of-tree backends."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    target = _BUILTIN.get(name, name if ":" in name else None)
-    if target is None:
-        raise BadRequest(f"unknown backend {name!r} (known: {', '.join(backend_names())})")
-    module_name, _, attr = target.partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, attr)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BadRequest(f"{target} is not a Backend subclass")
+    """The backend class registered under ``name``; BadRequest if unknown."""
+    try:
+        cls = plugins.backend_class(name)
+    except plugins.UnknownBackend as exc:
+        raise BadRequest(str(exc)) from None
+    if not issubclass(cls, Backend):
+        raise BadRequest(f"backend {name!r} ({cls.__module__}.{cls.__name__}) is not a "
+                         "Backend subclass")
     return cls
 
 

@@ -19,39 +19,17 @@ Rules every implementation follows:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
-from runtime.errors import NotSupported
-from runtime.sampling import SamplingParams
+from llamafleet.runtime import fields
+from llamafleet.runtime.errors import BadRequest, NotSupported
+from llamafleet.runtime.fields import Field
+from llamafleet.runtime.protocol import ModelInfo as ModelInfo
+from llamafleet.runtime.sampling import SamplingParams
 
 #: Called during model loading with a fraction in [0, 1].
 ProgressCallback = Callable[[float], None]
-
-
-@dataclass
-class ModelInfo:
-    """What a backend reports about its loaded model and context."""
-
-    name: str
-    backend: str
-    architecture: str
-    n_params: int
-    n_vocab: int
-    n_ctx: int
-    n_ctx_train: int
-    n_batch: int
-    n_seq_max: int
-    n_embd: int
-    bos_token: int | None
-    eos_token: int | None
-    chat_template: str | None
-    features: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 class Backend(ABC):
@@ -59,13 +37,22 @@ class Backend(ABC):
 
     #: Registry name ("fake", "llama").
     name: str = ""
+    #: Every option the backend takes, declared once (types, default, bounds). The
+    #: configuration loader checks ``[models.NAME]`` tables against it before any
+    #: process starts; the constructor checks again for direct use.
+    OPTIONS: ClassVar[Mapping[str, Field]] = {}
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        """Keep the options (model path, n_ctx, ...); do not load yet.
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        """Check the options against :attr:`OPTIONS` and keep them, defaults filled
+        in (``self.options``); do not load yet.
 
         Unknown or badly typed options raise BadRequest.
         """
-        self.options = dict(options)
+        if not isinstance(options, Mapping):
+            raise BadRequest("backend options must be a mapping")
+        self.options: dict[str, Any] = fields.parse(
+            self.OPTIONS, options, f"{self.name or type(self).__name__} backend option",
+            error=BadRequest)
 
     # -- lifecycle ---------------------------------------------------------
     @abstractmethod
@@ -81,6 +68,12 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Free native resources. Safe to call twice."""
+
+    def default_sampling(self) -> dict[str, Any]:
+        """Sampling parameters the model file recommends (llama: the GGUF's
+        ``general.sampling.*`` keys). The model's ``[models.NAME.sampling]`` table
+        overrides them, and a request's own values override both."""
+        return {}
 
     # -- vocabulary --------------------------------------------------------
     @abstractmethod
@@ -203,9 +196,6 @@ class Backend(ABC):
         raise NotSupported(f"{self.name} backend does not support chat templates")
 
     # -- control -----------------------------------------------------------
-    def set_abort(self, should_abort: Callable[[], bool] | None) -> None:
-        """Install a predicate polled during long native work; True aborts it."""
-
     def abort(self, flag: bool) -> None:
         """Thread-safe switch, callable from any thread: while set, long work in
         ``evaluate`` stops as soon as it can and raises Cancelled, appending nothing."""

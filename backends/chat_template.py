@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from runtime.errors import BadRequest
+from llamafleet.runtime.errors import BadRequest
 
 #: The ChatML template (SmolLM2, Qwen...): the default of backends without one.
 CHATML_TEMPLATE = (
@@ -69,7 +69,7 @@ def _compile(source: str) -> Any:
             from None
 
 
-def _check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise BadRequest("messages must be a list of {role, content} objects")
     out = []
@@ -99,7 +99,8 @@ def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *,
     if len(template.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
         raise BadRequest(f"chat template larger than {MAX_TEMPLATE_BYTES} bytes")
     msgs = _check_messages(messages)
-    from jinja2.exceptions import SecurityError, TemplateError as JinjaTemplateError
+    from jinja2.exceptions import SecurityError
+    from jinja2.exceptions import TemplateError as JinjaTemplateError
 
     tmpl = _compile(template)
     ctx: dict[str, Any] = dict(extra or {})

@@ -34,14 +34,15 @@ import signal
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, ModelInfo, ProgressCallback
-from backends.chat_template import CHATML_TEMPLATE, render_chat_template
-from runtime.errors import BadRequest, Cancelled, NotFound
-from runtime.sampling import SamplingParams
+from llamafleet.backends.base import Backend, ModelInfo, ProgressCallback
+from llamafleet.backends.chat_template import CHATML_TEMPLATE, render_chat_template
+from llamafleet.runtime.errors import BadRequest, Cancelled, NotFound
+from llamafleet.runtime.fields import Field
+from llamafleet.runtime.sampling import SamplingParams
 
 BOS, EOS, BYTE0 = 0, 1, 2
 IM_START, IM_END = 258, 259
@@ -55,12 +56,8 @@ _KV_MAGIC = b"LFFK"
 _KV_VERSION = 1
 _KV_HEADER = struct.Struct("<4sHH16sIII")  # magic, version, reserved, model id, n_ctx, n, crc
 
-_OPTIONS: dict[str, tuple[type, ...]] = {
-    "name": (str,), "seed": (int,), "n_ctx": (int,), "n_seq_max": (int,),
-    "n_batch": (int,), "n_embd": (int,), "chat_template": (str,),
-    "token_delay": (int, float), "load_delay": (int, float), "crash_on_load": (str,),
-    "path": (str,), "pack_delay": (int, float), "wedge_after": (int,),
-}
+_NUM = (int, float)
+_MAX_SIZE = 1 << 20
 
 
 class _Seq:
@@ -78,43 +75,49 @@ class FakeBackend(Backend):
     """Deterministic byte-level model; see the module docstring."""
 
     name = "fake"
+    OPTIONS = {
+        "name": Field((str,), default="fake", doc="model name reported by info"),
+        "path": Field((str,), doc="a file that must exist (load fails otherwise)"),
+        "seed": Field((int,), default=0, doc="changes every output"),
+        "n_ctx": Field((int,), default=2048, doc="context length", min=1, max=_MAX_SIZE),
+        "n_seq_max": Field((int,), default=4, doc="sequence slots", min=1, max=_MAX_SIZE),
+        "n_batch": Field((int,), default=512, doc="tokens per evaluation", min=1, max=_MAX_SIZE),
+        "n_embd": Field((int,), default=16, doc="embedding size", min=1, max=_MAX_SIZE),
+        "chat_template": Field((str,), default=CHATML_TEMPLATE, doc="Jinja chat template"),
+        "token_delay": Field(_NUM, default=0.0, min=0, doc="seconds slept per evaluation"),
+        "load_delay": Field(_NUM, default=0.0, min=0, doc="seconds a load takes"),
+        "pack_delay": Field(_NUM, default=0.0, min=0, doc="seconds a kv_pack takes"),
+        "crash_on_load": Field((str,), choices=("segv", "abort", "exit"),
+                               doc="crash the process while loading"),
+        "wedge_after": Field((int,), min=0, doc="hang every evaluation after the N-th"),
+    }
 
     def __init__(self, options: dict[str, Any]) -> None:
         super().__init__(options)
-        for key, value in self.options.items():
-            types = _OPTIONS.get(key)
-            if types is None:
-                raise BadRequest(f"fake backend: unknown option {key!r}")
-            if isinstance(value, bool) or not isinstance(value, types):
-                raise BadRequest(f"fake backend: option {key!r} has the wrong type")
         o = self.options
-        self.model_name: str = o.get("name", "fake")
-        self.seed: int = o.get("seed", 0)
-        self.n_ctx: int = o.get("n_ctx", 2048)
-        self.n_seq_max: int = o.get("n_seq_max", 4)
-        self.n_batch: int = o.get("n_batch", 512)
-        self.n_embd: int = o.get("n_embd", 16)
-        self.template: str = o.get("chat_template", CHATML_TEMPLATE)
-        self.token_delay = float(o.get("token_delay", 0.0))
-        self.pack_delay = float(o.get("pack_delay", 0.0))
-        self.wedge_after: int | None = o.get("wedge_after")
+        self.model_name: str = o["name"]
+        self.seed: int = o["seed"]
+        self.n_ctx: int = o["n_ctx"]
+        self.n_seq_max: int = o["n_seq_max"]
+        self.n_batch: int = o["n_batch"]
+        self.n_embd: int = o["n_embd"]
+        self.template: str = o["chat_template"]
+        self.token_delay = float(o["token_delay"])
+        self.pack_delay = float(o["pack_delay"])
+        self.wedge_after: int | None = o["wedge_after"]
         self._evaluations = 0
-        for key in ("n_ctx", "n_seq_max", "n_batch", "n_embd"):
-            if not 1 <= getattr(self, key) <= 1 << 20:
-                raise BadRequest(f"fake backend: {key} out of range")
         self.model_id = hashlib.sha256(
             f"fake:{self.model_name}:{self.seed}:{N_VOCAB}".encode()).digest()[:16]
         self._seqs: list[_Seq] = []
         self._adapters: dict[str, dict[str, Any]] = {}
         self._active: dict[str, float] = {}
-        self._abort: Callable[[], bool] | None = None
         self._abort_flag = False
         self._loaded = False
 
     # -- lifecycle -------------------------------------------------------------
     def load(self, progress: ProgressCallback | None = None) -> None:
-        crash = self.options.get("crash_on_load")
-        delay = float(self.options.get("load_delay", 0.0))
+        crash = self.options["crash_on_load"]
+        delay = float(self.options["load_delay"])
         steps = 10
         for i in range(steps):
             if progress:
@@ -204,7 +207,7 @@ class FakeBackend(Backend):
             # simulate compute in small slices so the abort predicate is honoured
             end = time.monotonic() + self.token_delay * max(1, math.ceil(total / self.n_batch))
             while time.monotonic() < end:
-                if self._abort_flag or (self._abort is not None and self._abort()):
+                if self._abort_flag:
                     raise Cancelled("evaluation aborted")
                 time.sleep(min(0.005, max(0.0, end - time.monotonic())))
         for seq, tokens in batch:
@@ -224,17 +227,12 @@ class FakeBackend(Backend):
         params.validate()
         matcher = None
         if params.grammar or params.json_schema is not None:
-            from backends.gbnf import GrammarError, parse_gbnf
+            from llamafleet.backends.gbnf import parse_or_refuse
             text = params.grammar
             if params.json_schema is not None:
-                from backends.json_schema import json_schema_to_gbnf
+                from llamafleet.backends.json_schema import json_schema_to_gbnf
                 text = json_schema_to_gbnf(params.json_schema)
-            try:
-                matcher = parse_gbnf(text or "").matcher()
-            except GrammarError as exc:
-                raise BadRequest(f"invalid grammar: {exc}") from None
-            except RecursionError:
-                raise BadRequest("invalid grammar: nested too deeply") from None
+            matcher = parse_or_refuse(text or "").matcher()
         for tok in params.logit_bias:
             self.check_tokens([tok])
         s.params = params
@@ -409,9 +407,6 @@ class FakeBackend(Backend):
                                     add_generation_prompt=add_generation_prompt,
                                     bos_token=SPECIAL_TEXT[BOS], eos_token=SPECIAL_TEXT[EOS],
                                     enable_thinking=enable_thinking)
-
-    def set_abort(self, should_abort: Callable[[], bool] | None) -> None:
-        self._abort = should_abort
 
     def abort(self, flag: bool) -> None:
         self._abort_flag = bool(flag)

@@ -33,7 +33,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable
 
-__all__ = ["GrammarError", "Grammar", "Matcher", "parse_gbnf"]
+from llamafleet.runtime.errors import BadRequest
+
+__all__ = ["GrammarError", "Grammar", "Matcher", "parse_gbnf", "parse_or_refuse"]
 
 MAX_CODE_POINT = 0x10FFFF
 #: Largest number of parse stacks (or expansions of one position) allowed.
@@ -717,6 +719,20 @@ def parse_gbnf(text: str, root: str = "root") -> Grammar:
     parser.parse()
     root_id = parser.check(root)
     return Grammar(parser, root_id, root)
+
+
+def parse_or_refuse(text: str, what: str = "invalid grammar") -> Grammar:
+    """:func:`parse_gbnf`, with every way a grammar can be refused as BadRequest
+    (``"{what}: ..."``): the guard in front of llama.cpp's recursive parser and of
+    our matcher, shared by every backend and the JSON-schema converter."""
+    if "\0" in text:
+        raise BadRequest(f"{what}: contains a NUL character")
+    try:
+        return parse_gbnf(text)
+    except GrammarError as exc:
+        raise BadRequest(f"{what}: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{what}: nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------

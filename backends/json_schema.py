@@ -20,13 +20,14 @@ import threading
 from types import ModuleType
 from typing import Any
 
-from runtime.errors import BadRequest
+from llamafleet.runtime.errors import BadRequest, NotSupported
 
 __all__ = ["json_schema_to_gbnf"]
 
 _MODULE_NAME = "_llamafleet_llama_grammar"
 _lock = threading.Lock()
-_module: ModuleType | None = None
+#: the loaded converter module, once (a dict: no narrowing games across the lock)
+_loaded: dict[str, ModuleType] = {}
 #: Largest repetition bound a schema may ask for (llama.cpp's MAX_REPETITION_THRESHOLD,
 #: as for GBNF ``{m,n}``): the converter writes out bounded repetitions one element at a
 #: time, so ``maxLength: 2147483647`` would hold the worker for minutes and take
@@ -41,19 +42,18 @@ _CHAR_RULE = r'[^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
 def _converter_module() -> ModuleType:
     """llama-cpp-python's ``llama_grammar.py``, loaded standalone and cached."""
-    global _module
-    if _module is not None:
-        return _module
+    if "converter" in _loaded:
+        return _loaded["converter"]
     with _lock:
-        if _module is not None:
-            return _module
+        if "converter" in _loaded:
+            return _loaded["converter"]
         spec = importlib.util.find_spec("llama_cpp")
         locations = list(spec.submodule_search_locations or []) if spec else []
         path = next((os.path.join(d, "llama_grammar.py") for d in locations
                      if os.path.isfile(os.path.join(d, "llama_grammar.py"))), None)
         if path is None:
-            raise RuntimeError("llama-cpp-python's llama_cpp/llama_grammar.py was not found; "
-                               "install llama-cpp-python==0.3.36")
+            raise NotSupported("JSON schemas need llama-cpp-python's llama_cpp/llama_grammar.py, "
+                               "which was not found; install llama-cpp-python==0.3.36")
         file_spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
         assert file_spec is not None and file_spec.loader is not None
         module = importlib.util.module_from_spec(file_spec)
@@ -66,7 +66,7 @@ def _converter_module() -> ModuleType:
         # The converter's string character rule admits raw control characters,
         # which JSON forbids; use upstream llama.cpp's rule (keeping "\\/").
         module.PRIMITIVE_RULES["char"] = module.BuiltinRule(_CHAR_RULE, [])
-        _module = module
+        _loaded["converter"] = module
         return module
 
 
@@ -110,14 +110,9 @@ def json_schema_to_gbnf(schema: dict[str, Any] | bool | str) -> str:
         raise BadRequest(f"unsupported or invalid JSON schema: {detail}") from None
 
     # Every grammar handed out must be one our matcher (and llama.cpp) accepts.
-    from backends.gbnf import GrammarError, parse_gbnf
+    from llamafleet.backends.gbnf import parse_or_refuse
 
-    try:
-        parse_gbnf(grammar)
-    except GrammarError as e:
-        raise BadRequest(f"JSON schema produced an unusable grammar: {e}") from None
-    except RecursionError:
-        raise BadRequest("JSON schema produces a grammar too deeply nested to use") from None
+    parse_or_refuse(grammar, "JSON schema produced an unusable grammar")
     return grammar
 
 

@@ -15,20 +15,30 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from client.results import Completion, Decoded
-from runtime import protocol
-from runtime.config import default_address
-from runtime.errors import (AuthenticationFailed, BadRequest, Cancelled, LlamafleetError,
-                            ProtocolError, RequestTimeout, WorkerCrashed, error_from_wire)
-from runtime.sampling import SamplingParams
+from llamafleet.runtime import protocol
+from llamafleet.runtime.config import default_address
+from llamafleet.runtime.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    Cancelled,
+    LlamafleetError,
+    ProtocolError,
+    RequestTimeout,
+    Unavailable,
+    WorkerCrashed,
+    error_from_wire,
+)
+from llamafleet.runtime.protocol import Completion, Decoded
+from llamafleet.runtime.sampling import SamplingParams
 
 log = logging.getLogger("llamafleet.client")
+R = TypeVar("R", bound=protocol.Message)
 
 SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
 _DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED,
@@ -58,7 +68,7 @@ class _Call:
 
     __slots__ = ("id", "queue", "conn")
 
-    def __init__(self, req_id: int, conn: "_WorkerConn") -> None:
+    def __init__(self, req_id: int, conn: _WorkerConn) -> None:
         self.id = req_id
         self.conn = conn
         self.queue: asyncio.Queue[dict[str, Any] | LlamafleetError] = asyncio.Queue()
@@ -67,7 +77,7 @@ class _Call:
 class _WorkerConn:
     """The connection to one generation of one model's worker."""
 
-    def __init__(self, client: "AsyncClient", model: str, endpoint: str, generation: int) -> None:
+    def __init__(self, client: AsyncClient, model: str, endpoint: str, generation: int) -> None:
         self.model = model
         self.endpoint = endpoint
         self.generation = generation
@@ -144,7 +154,7 @@ class AsyncStream:
     ``tokens`` collects token ids as they arrive; ``result`` holds the final
     :class:`Completion` once the stream is exhausted; ``cancel()`` stops it."""
 
-    def __init__(self, client: "AsyncClient", model: str, args: dict[str, Any],
+    def __init__(self, client: AsyncClient, model: str, args: dict[str, Any],
                  timeout: float | None) -> None:
         self._client = client
         self._model = model
@@ -156,7 +166,7 @@ class AsyncStream:
         self.tokens: list[int] = []
         self.result: Completion | None = None
 
-    def __aiter__(self) -> "AsyncStream":
+    def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> str:
@@ -183,7 +193,7 @@ class AsyncStream:
                 continue
             self._done = True
             self._client._forget(self._call)
-            self.result = Completion.from_wire(self._model, msg["result"])
+            self.result = Completion.from_wire(msg["result"])
             raise StopAsyncIteration
 
     async def _abandon(self) -> None:
@@ -200,7 +210,7 @@ class AsyncStream:
     async def aclose(self) -> None:
         await self.cancel()
 
-    async def __aenter__(self) -> "AsyncStream":
+    async def __aenter__(self) -> AsyncStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -219,11 +229,13 @@ class AsyncClient:
 
     ``address`` is the supervisor's control address (default: the local runtime
     directory's). ``timeout`` is the default per-call limit in seconds;
-    ``connect_timeout`` bounds how long a call waits for a (re)starting worker.
+    ``connect_timeout`` bounds how long a call waits for a (re)starting worker, and
+    (unless ``control_timeout`` says otherwise) for the supervisor to answer at all:
+    past it, a call raises the retryable :class:`Unavailable`.
     """
 
     def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 30.0,
+                 connect_timeout: float = 30.0, control_timeout: float | None = None,
                  curve_server_key: str | bytes | None = None,
                  curve_client_cert: str | None = None) -> None:
         self.address = address or default_address()
@@ -235,11 +247,12 @@ class AsyncClient:
             if not (server_key and client_cert):
                 raise BadRequest("CURVE needs both the server's public key and a client "
                                  "certificate")
-            from runtime import security
+            from llamafleet.runtime import security
             self._curve = (security.load_public_key(server_key),
                            security.load_keypair(client_cert))
         self.default_timeout = timeout
         self.connect_timeout = connect_timeout
+        self.control_timeout = connect_timeout if control_timeout is None else control_timeout
         self._ctx = zmq.asyncio.Context()
         self._ids = itertools.count(1)
         self._conns: dict[str, _WorkerConn] = {}
@@ -247,11 +260,14 @@ class AsyncClient:
         self._control_calls: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._control_reader: asyncio.Future[None] | None = None
         self._control_monitor: zmq.asyncio.Socket | None = None
+        #: set while the control connection's handshake has succeeded
+        self._control_up = asyncio.Event()
+        self._control_error: LlamafleetError | None = None
         self._lookups: dict[str, asyncio.Lock] = {}
         self._dead_generation: dict[str, int] = {}
         self._closed = False
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -280,16 +296,14 @@ class AsyncClient:
     # -- plumbing -------------------------------------------------------------------
     def _secure(self, sock: zmq.asyncio.Socket, endpoint: str) -> None:
         if self._curve is not None and endpoint.startswith("tcp://"):
-            from runtime import security
+            from llamafleet.runtime import security
             security.make_client(sock, *self._curve)
 
     def _timeout(self, timeout: float | None) -> float:
         return self.default_timeout if timeout is None else float(timeout)
 
-    async def _supervisor(self, cmd: str, args: dict[str, Any], timeout: float) -> Any:
-        if self._closed:
-            raise Cancelled("client closed")
-        protocol.validate_args(cmd, args)
+    def _open_control(self) -> zmq.asyncio.Socket:
+        """The DEALER to the supervisor, with a monitor that tells when it is up."""
         if self._control is None:
             self._control = self._ctx.socket(zmq.DEALER)
             self._control.setsockopt(zmq.LINGER, 0)
@@ -298,26 +312,49 @@ class AsyncClient:
             if self._curve is not None and self.address.startswith("tcp://"):
                 auth_events |= (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL |
                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-            monitor = self._control_monitor = self._control.get_monitor_socket(auth_events)
+            monitor = self._control_monitor = self._control.get_monitor_socket(
+                auth_events | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
             self._control.connect(self.address)
-            self._control_reader = asyncio.ensure_future(self._read_control(monitor))
+            self._control_reader = asyncio.ensure_future(
+                self._read_control(monitor, auth_events))
+        return self._control
+
+    async def _supervisor(self, cmd: str, args: dict[str, Any], timeout: float | None) -> Any:
+        if self._closed:
+            raise Cancelled("client closed")
+        protocol.validate_args(cmd, args)
+        control = self._open_control()
+        limit = self.default_timeout if timeout is None else timeout
+        if not self._control_up.is_set() or self._control_error is not None:
+            # a DEALER queues messages for a peer that is not there: without this wait a
+            # call to an address where nothing listens would wait for its whole timeout
+            try:
+                await asyncio.wait_for(self._control_up.wait(),
+                                       min(limit, self.control_timeout))
+            except TimeoutError:
+                raise Unavailable(
+                    f"no supervisor is answering at {self.address}: start a fleet with "
+                    "`llamafleet serve --config FILE` (or pass the right --address)",
+                    data={"address": self.address}) from None
+            if self._control_error is not None:
+                raise self._control_error
         req_id = next(self._ids)
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._control_calls[req_id] = q
         try:
-            await self._control.send(protocol.request(req_id, cmd, args))
+            await control.send(protocol.request(req_id, cmd, args))
             try:
-                msg = await asyncio.wait_for(q.get(), timeout)
-            except asyncio.TimeoutError:
+                msg = await asyncio.wait_for(q.get(), limit)
+            except TimeoutError:
                 raise RequestTimeout(f"supervisor at {self.address} did not answer {cmd} "
-                                     f"within {timeout:.1f}s") from None
+                                     f"within {limit:.1f}s") from None
         finally:
             self._control_calls.pop(req_id, None)
         if msg["kind"] == "error":
             raise error_from_wire(msg["error"])
         return msg["result"]
 
-    async def _read_control(self, monitor: zmq.asyncio.Socket) -> None:
+    async def _read_control(self, monitor: zmq.asyncio.Socket, auth_events: int) -> None:
         assert self._control is not None
         poller = zmq.asyncio.Poller()
         poller.register(self._control, zmq.POLLIN)
@@ -326,19 +363,28 @@ class AsyncClient:
             while True:
                 for sock, _ in await poller.poll():
                     if sock is monitor:
-                        await monitor.recv_multipart()
-                        err = _auth_error(self.address).to_wire()
-                        for q in self._control_calls.values():
-                            q.put_nowait({"kind": "error", "error": err})
+                        event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                            self._control_error = None
+                            self._control_up.set()
+                        elif event == zmq.EVENT_DISCONNECTED:
+                            self._control_up.clear()
+                        elif event & auth_events:
+                            err = _auth_error(self.address)
+                            # wakes a caller waiting for the connection, with the reason
+                            self._control_error = err
+                            self._control_up.set()
+                            for q in self._control_calls.values():
+                                q.put_nowait({"kind": "error", "error": err.to_wire()})
                         continue
                     frames = await self._control.recv_multipart()
                     try:
                         msg = protocol.unpack(frames[-1])
                     except ProtocolError:
                         continue
-                    q = self._control_calls.get(msg.get("id"))  # type: ignore[arg-type]
-                    if q is not None:
-                        q.put_nowait(msg)
+                    waiting = self._control_calls.get(msg.get("id"))  # type: ignore[arg-type]
+                    if waiting is not None:
+                        waiting.put_nowait(msg)
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
         finally:
@@ -422,46 +468,53 @@ class AsyncClient:
         finally:
             self._forget(call)
 
+    async def _command(self, model: str, cmd: str, reply: type[R], args: dict[str, Any] | None,
+                       timeout: float | None) -> R:
+        """One worker command, its result decoded as the protocol declares it."""
+        assert protocol.COMMANDS[cmd].reply is reply
+        return reply.from_wire(await self.call(model, cmd, args, timeout=timeout))
+
     # -- supervisor ---------------------------------------------------------------------
-    async def status(self, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def status(self, *, timeout: float | None = 10.0) -> list[dict[str, Any]]:
         """One dict per worker: model, pid, state, restarts, last_exit, ..."""
         return (await self._supervisor("status", {}, timeout))["workers"]
 
-    async def lookup(self, model: str, *, wait: float = 0.0) -> dict[str, Any]:
+    async def lookup(self, model: str, *, wait: float = 0.0) -> protocol.WorkerEndpoint:
         """Where the model's worker is (waits up to ``wait`` s for readiness)."""
-        return await self._supervisor("lookup", {"model": model, "wait_ms": int(wait * 1000)},
-                                      timeout=wait + 5.0)
+        return protocol.WorkerEndpoint.from_wire(await self._supervisor(
+            "lookup", {"model": model, "wait_ms": int(wait * 1000)}, timeout=wait + 5.0))
 
     async def shutdown_fleet(self) -> None:
         """Ask the supervisor to shut the whole fleet down gracefully."""
         await self._supervisor("shutdown", {}, timeout=10.0)
 
     # -- model commands -------------------------------------------------------------------
-    async def ping(self, model: str, *, timeout: float | None = None) -> dict[str, Any]:
-        return await self.call(model, "ping", timeout=timeout)
+    async def ping(self, model: str, *, timeout: float | None = None) -> protocol.Pong:
+        """A round trip to the model's worker."""
+        return await self._command(model, "ping", protocol.Pong, None, timeout)
 
-    async def info(self, model: str, *, timeout: float | None = None) -> dict[str, Any]:
-        """Model metadata, backend, limits and loaded adapters."""
-        return await self.call(model, "info", timeout=timeout)
+    async def info(self, model: str, *, timeout: float | None = None) -> protocol.Info:
+        """Model metadata, backend, limits, default sampling, adapters, scheduler and cache."""
+        return await self._command(model, "info", protocol.Info, None, timeout)
 
     async def tokenize(self, model: str, text: str, *, add_special: bool = True,
                        parse_special: bool = False, timeout: float | None = None) -> list[int]:
-        r = await self.call(model, "tokenize", {"text": text, "add_special": add_special,
-                                                "parse_special": parse_special}, timeout=timeout)
-        return list(r["tokens"])
+        r = await self._command(model, "tokenize", protocol.Tokens, {
+            "text": text, "add_special": add_special, "parse_special": parse_special}, timeout)
+        return list(r.tokens)
 
     async def detokenize(self, model: str, tokens: Sequence[int], *, special: bool = False,
                          timeout: float | None = None) -> str:
-        r = await self.call(model, "detokenize", {"tokens": list(tokens), "special": special},
-                            timeout=timeout)
-        return str(r["text"])
+        r = await self._command(model, "detokenize", protocol.Text,
+                                {"tokens": list(tokens), "special": special}, timeout)
+        return r.text
 
     async def prefill(self, model: str, seq: int, tokens: Sequence[int], *,
                       timeout: float | None = None) -> int:
         """Append tokens to a sequence; returns its new length."""
-        r = await self.call(model, "prefill", {"seq": seq, "tokens": list(tokens)},
-                            timeout=timeout)
-        return int(r["n_tokens"])
+        r = await self._command(model, "prefill", protocol.SeqLength,
+                                {"seq": seq, "tokens": list(tokens)}, timeout)
+        return r.n_tokens
 
     async def decode(self, model: str, seq: int, *, timeout: float | None = None,
                      **sampling: Any) -> Decoded:
@@ -469,9 +522,7 @@ class AsyncClient:
         args: dict[str, Any] = {"seq": seq}
         if sampling:
             args["sampling"] = sampling_from(sampling)
-        r = await self.call(model, "decode", args, timeout=timeout)
-        return Decoded(token=r["token"], piece=r["piece"], eog=r["eog"],
-                       n_tokens=r["n_tokens"], reason=r.get("reason"))
+        return await self._command(model, "decode", Decoded, args, timeout)
 
     def _generate_args(self, prompt: str | None, tokens: Sequence[int] | None, seq: int | None,
                        max_tokens: int, stop: Sequence[str] | str | None, add_special: bool,
@@ -492,7 +543,7 @@ class AsyncClient:
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        tokens: Sequence[int] | None = None, seq: int | None = None,
-                       max_tokens: int = 256, stop: Sequence[str] | str | None = None,
+                       max_tokens: int = protocol.DEFAULT_MAX_TOKENS, stop: Sequence[str] | str | None = None,
                        add_special: bool = True, parse_special: bool = False,
                        ignore_eos: bool = False, session: str | None = None,
                        timeout: float | None = None, **sampling: Any) -> Completion:
@@ -501,12 +552,11 @@ class AsyncClient:
         names a conversation whose KV the worker keeps warm and on disk."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
                                    parse_special, ignore_eos, False, session, timeout, sampling)
-        return Completion.from_wire(model, await self.call(model, "generate", args,
-                                                           timeout=timeout))
+        return await self._command(model, "generate", Completion, args, timeout)
 
     def stream(self, model: str, prompt: str | None = None, *,
                tokens: Sequence[int] | None = None, seq: int | None = None,
-               max_tokens: int = 256, stop: Sequence[str] | str | None = None,
+               max_tokens: int = protocol.DEFAULT_MAX_TOKENS, stop: Sequence[str] | str | None = None,
                add_special: bool = True, parse_special: bool = False,
                ignore_eos: bool = False, session: str | None = None,
                timeout: float | None = None, **sampling: Any) -> AsyncStream:
@@ -517,15 +567,15 @@ class AsyncClient:
 
     async def kv_pack(self, model: str, seq: int, *, timeout: float | None = None) -> bytes:
         """The sequence's KV state as portable bytes."""
-        r = await self.call(model, "kv_pack", {"seq": seq}, timeout=timeout)
-        return bytes(r["data"])
+        r = await self._command(model, "kv_pack", protocol.KvBlob, {"seq": seq}, timeout)
+        return bytes(r.data)
 
     async def kv_unpack(self, model: str, seq: int, data: bytes, *,
                         timeout: float | None = None) -> int:
         """Restore a sequence from ``kv_pack`` bytes; returns its token count."""
-        r = await self.call(model, "kv_unpack", {"seq": seq, "data": bytes(data)},
-                            timeout=timeout)
-        return int(r["n_tokens"])
+        r = await self._command(model, "kv_unpack", protocol.SeqLength,
+                                {"seq": seq, "data": bytes(data)}, timeout)
+        return r.n_tokens
 
     async def seq_clear(self, model: str, seq: int, *, timeout: float | None = None) -> None:
         await self.call(model, "seq_clear", {"seq": seq}, timeout=timeout)
@@ -543,9 +593,10 @@ class AsyncClient:
                                                "json_schema": json_schema}, timeout=timeout)
 
     async def load_adapter(self, model: str, name: str, path: str, *,
-                           timeout: float | None = None) -> dict[str, Any]:
-        return await self.call(model, "load_adapter", {"name": name, "path": path},
-                               timeout=timeout)
+                           timeout: float | None = None) -> protocol.AdapterLoaded:
+        """Load a LoRA adapter file (from the model's adapter_dirs) under ``name``."""
+        return await self._command(model, "load_adapter", protocol.AdapterLoaded,
+                                   {"name": name, "path": path}, timeout)
 
     async def unload_adapter(self, model: str, name: str, *,
                              timeout: float | None = None) -> None:
@@ -554,27 +605,28 @@ class AsyncClient:
     async def set_adapters(self, model: str, scales: dict[str, float], *,
                            timeout: float | None = None) -> dict[str, Any]:
         """Apply this set of adapters (name -> scale); an empty map clears it."""
-        r = await self.call(model, "set_adapters", {"scales": dict(scales)}, timeout=timeout)
-        return dict(r["adapters"])
+        r = await self._command(model, "set_adapters", protocol.Adapters,
+                                {"scales": dict(scales)}, timeout)
+        return dict(r.adapters)
 
     async def embed(self, model: str, texts: str | Sequence[str], *, normalize: bool = True,
                     timeout: float | None = None) -> list[list[float]]:
         """One pooled embedding per text."""
         items = [texts] if isinstance(texts, str) else list(texts)
-        r = await self.call(model, "embed", {"texts": items, "normalize": normalize},
-                            timeout=timeout)
-        return [list(v) for v in r["embeddings"]]
+        r = await self._command(model, "embed", protocol.Embeddings,
+                                {"texts": items, "normalize": normalize}, timeout)
+        return [list(v) for v in r.embeddings]
 
     async def apply_chat_template(self, model: str, messages: Sequence[dict[str, Any]], *,
                                   system: str | None = None, add_generation_prompt: bool = True,
                                   enable_thinking: bool | None = None,
                                   timeout: float | None = None) -> str:
         """Render messages with the model's chat template."""
-        r = await self.call(model, "apply_chat_template", {
+        r = await self._command(model, "apply_chat_template", protocol.Prompt, {
             "messages": [dict(m) for m in messages], "system": system,
             "add_generation_prompt": add_generation_prompt,
-            "enable_thinking": enable_thinking}, timeout=timeout)
-        return str(r["prompt"])
+            "enable_thinking": enable_thinking}, timeout)
+        return r.prompt
 
     async def chat(self, model: str, messages: Sequence[dict[str, Any]], *,
                    system: str | None = None, enable_thinking: bool | None = None,

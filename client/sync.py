@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from client.aio import AsyncClient, AsyncStream
-from client.results import Completion
+from llamafleet.client.aio import AsyncClient, AsyncStream
+from llamafleet.runtime.protocol import Completion
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ class Stream:
 
     _END = object()
 
-    def __init__(self, client: "Client", inner: AsyncStream) -> None:
+    def __init__(self, client: Client, inner: AsyncStream) -> None:
         self._client = client
         self._inner = inner
         # One pump on the client's loop feeds a thread-safe queue: no cross-thread
@@ -59,7 +60,7 @@ class Stream:
             raise StopIteration
         if self._pump is None:
             if self._client._closed:
-                from runtime.errors import Cancelled
+                from llamafleet.runtime.errors import Cancelled
                 raise Cancelled("client closed")
             self._pump = asyncio.run_coroutine_threadsafe(self._run_pump(), self._client._loop)
         try:
@@ -74,7 +75,7 @@ class Stream:
         if isinstance(item, BaseException):
             self._finished = True
             if isinstance(item, asyncio.CancelledError):
-                from runtime.errors import Cancelled
+                from llamafleet.runtime.errors import Cancelled
                 raise Cancelled("stream cancelled") from None
             raise item
         delta, new = item
@@ -101,7 +102,7 @@ class Stream:
         assert self._inner.result is not None
         return self._inner.result
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -119,7 +120,7 @@ def _blocking(name: str) -> Callable[..., Any]:
     target = getattr(AsyncClient, name)
 
     @functools.wraps(target)
-    def method(self: "Client", *args: Any, **kwargs: Any) -> Any:
+    def method(self: Client, *args: Any, **kwargs: Any) -> Any:
         return self._run(getattr(self._async, name)(*args, **kwargs))
 
     return method
@@ -129,7 +130,8 @@ class Client:
     """Synchronous client of a fleet (same methods as :class:`AsyncClient`)."""
 
     def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 30.0, curve_server_key: str | bytes | None = None,
+                 connect_timeout: float = 30.0, control_timeout: float | None = None,
+                 curve_server_key: str | bytes | None = None,
                  curve_client_cert: str | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
@@ -139,6 +141,7 @@ class Client:
 
         async def make() -> AsyncClient:
             return AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout,
+                               control_timeout=control_timeout,
                                curve_server_key=curve_server_key,
                                curve_client_cert=curve_client_cert)
 
@@ -148,7 +151,7 @@ class Client:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed:
             coro.close()
-            from runtime.errors import Cancelled
+            from llamafleet.runtime.errors import Cancelled
             raise Cancelled("client closed")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
@@ -177,7 +180,7 @@ class Client:
         self._thread.join(5)
         self._loop.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -213,3 +216,17 @@ class Client:
     embed = _blocking("embed")
     apply_chat_template = _blocking("apply_chat_template")
     chat = _blocking("chat")
+
+
+def _check_mirror() -> None:
+    """Every public coroutine of AsyncClient has its blocking twin (checked on import)."""
+    wrapped = {name for name, v in vars(Client).items() if hasattr(v, "__wrapped__")}
+    special = {"close", "chat_stream"}  # stream/chat_stream return a Stream; close is own
+    coros = {name for name, v in vars(AsyncClient).items()
+             if not name.startswith("_") and inspect.iscoroutinefunction(v)}
+    missing = coros - wrapped - special
+    if missing:
+        raise AssertionError(f"Client lacks blocking versions of {sorted(missing)}")
+
+
+_check_mirror()

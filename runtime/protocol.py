@@ -7,32 +7,42 @@ Replies  ``{"v": 1, "id": int, "kind": "result", "result": {...}}``  final answe
          ``{"v": 1, "id": int, "kind": "chunk",  "data": {...}}``    one streamed piece
          ``{"v": 1, "id": int, "kind": "error",  "error": {code, message, retryable, data}}``
 
-A streamed request gets zero or more chunks and then exactly one result or
-error. Workers report to their supervisor with :data:`WORKER_EVENTS` messages
-(``{"v": 1, "type": ..., ...}``) on a separate socket.
+A streamed request gets zero or more :class:`StreamChunk` and then exactly one
+result or error. Workers report to their supervisor with :data:`EVENTS`
+(:class:`Hello`, :class:`Heartbeat`; ``{"v": 1, "type": ..., ...}``) on a
+separate socket.
 
-Every command's arguments are declared once in :data:`COMMANDS`; both sides
+Every command is declared once in :data:`COMMANDS`: its arguments (both sides
 call :func:`validate_args`, so a malformed request is a ``bad_request`` before
-it touches a backend. Nothing is ever unpickled: msgpack only.
+it touches a backend) and the :class:`Message` type of its result. Replies,
+chunks, events and the worker's start spec are dataclasses built with
+``to_wire`` / ``from_wire``; the client's result types are these same classes.
+Nothing is ever unpickled: msgpack only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
-from runtime.errors import BadRequest, LlamafleetError, ProtocolError
+from llamafleet.runtime.errors import BadRequest, LlamafleetError, ProtocolError
+from llamafleet.runtime.fields import Field
 
 PROTOCOL_VERSION = 1
 
 # -- limits (ZeroMQ's maxmsgsize is set to MAX_MESSAGE_BYTES on every socket) --
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: the supervisor's control and event sockets carry small messages only
+MAX_CONTROL_MESSAGE_BYTES = 1 << 20
 MAX_TEXT_CHARS = 1 << 20          # prompt / text to tokenize
 MAX_TOKENS_IN = 1 << 17           # token ids in one request
 MAX_GENERATE_TOKENS = 1 << 16     # max_tokens of one generate
+DEFAULT_MAX_TOKENS = 256          # max_tokens when a request names none
 MAX_KV_BYTES = 200 * 1024 * 1024  # one KV blob
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -42,23 +52,326 @@ MAX_MESSAGES = 1024
 MAX_NAME_CHARS = 128
 MAX_PATH_CHARS = 4096
 
-SENTINEL = object()
+# -- messages: every reply, stream chunk and worker event, declared once ----------------
+M = TypeVar("M", bound="Message")
 
 
-@dataclass(frozen=True)
-class Field:
-    """One argument of a command: accepted types, default, extra check."""
+class Message:
+    """Base of the declared messages (dataclasses). ``to_wire`` gives the msgpack map;
+    ``from_wire`` rebuilds the type, ignoring keys it does not know (a newer peer)
+    and filling absent ones with their defaults."""
 
-    types: tuple[type, ...]
-    required: bool = False
-    default: Any = None
-    check: Callable[[Any], str | None] | None = None
-    nullable: bool = False
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in _wire_fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_wire() if isinstance(v, Message) else v
+        return out
+
+    @classmethod
+    def from_wire(cls: type[M], obj: Any) -> M:
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"malformed {cls.__name__}: {type(obj).__name__}")
+        kwargs: dict[str, Any] = {}
+        for f in _wire_fields(cls):
+            if f.name not in obj:
+                continue
+            v = obj[f.name]
+            sub = _NESTED.get((cls, f.name))
+            kwargs[f.name] = sub.from_wire(v) if sub is not None and v is not None else v
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a required field is missing
+            raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
+
+
+_NESTED: dict[tuple[type, str], type[Message]] = {}
+
+
+def _wire_fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
+    """The fields of a Message dataclass (or instance)."""
+    return dataclasses.fields(cls)
+
+
+def _nested(cls: type[M]) -> type[M]:
+    """Register the Message-typed fields of ``cls`` so from_wire rebuilds them."""
+    hints = typing.get_type_hints(cls)
+    for f in _wire_fields(cls):
+        for t in (hints[f.name], *typing.get_args(hints[f.name])):
+            if isinstance(t, type) and issubclass(t, Message):
+                _NESTED[(cls, f.name)] = t
+    return cls
+
+
+@dataclass
+class Empty(Message):
+    """The reply of a command that returns nothing but success."""
+
+
+@dataclass
+class Pong(Message):
+    pong: bool = True
+    model: str = ""
+    pid: int = 0
+    generation: int = 0
+
+
+@dataclass
+class ModelInfo(Message):
+    """What a backend reports about its loaded model and context."""
+
+    name: str
+    backend: str
+    architecture: str
+    n_params: int
+    n_vocab: int
+    n_ctx: int
+    n_ctx_train: int
+    n_batch: int
+    n_seq_max: int
+    n_embd: int
+    bos_token: int | None
+    eos_token: int | None
+    chat_template: str | None
+    features: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_wire()
+
+
+@dataclass
+class SchedulerStats(Message):
+    running: int = 0
+    queued: int = 0
+    max_queue: int = 0
+    ticks: int = 0
+    peak_running: int = 0
+
+
+@_nested
+@dataclass
+class Info(ModelInfo):
+    """``info``: the model's metadata plus the worker's live state."""
+
+    model: str = ""
+    adapters: dict[str, Any] = field(default_factory=dict)
+    #: the model's default sampling (config over GGUF metadata); requests override it
+    sampling: dict[str, Any] = field(default_factory=dict)
+    scheduler: SchedulerStats | None = None
+    cache: dict[str, int] | None = None
+
+
+@dataclass
+class Tokens(Message):
+    tokens: list[int]
+
+
+@dataclass
+class Text(Message):
+    text: str
+
+
+@dataclass
+class SeqLength(Message):
+    """How many tokens a sequence holds after the command."""
+
+    n_tokens: int
+
+
+@dataclass
+class Decoded(Message):
+    """One ``decode`` step: the sampled token (None when a grammar ended it)."""
+
+    token: int | None
+    piece: str
+    eog: bool
+    n_tokens: int
+    reason: str | None = None
+    bytes: bytes = b""
+
+
+@dataclass
+class KvBlob(Message):
+    data: bytes
+    n_tokens: int
+
+
+@dataclass
+class AdapterLoaded(Message):
+    name: str
+    path: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Adapters(Message):
+    adapters: dict[str, Any]
+
+
+@dataclass
+class Embeddings(Message):
+    embeddings: list[list[float]]
+
+
+@dataclass
+class Prompt(Message):
+    prompt: str
+
+
+@dataclass
+class CancelResult(Message):
+    cancelled: bool
+
+
+@dataclass
+class CompletionStats(Message):
+    """Timings and counts of one generation (milliseconds)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+    tokens_per_s: float | None = None
+
+
+@_nested
+@dataclass
+class Completion(Message):
+    """A finished generation (the ``generate`` result).
+
+    ``finish_reason``: ``eog`` (end-of-generation token), ``length`` (max_tokens or
+    the context), ``stop`` (a stop string, in ``stop``) or ``grammar`` (the grammar
+    admits nothing more). ``cache`` is the prefix-cache tier the prompt was restored
+    from (``ram`` or ``disk``; None when prefilled). For a named ``session``,
+    ``session_saved`` tells whether its KV was persisted, ``session_error`` why not."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    stats: CompletionStats = field(default_factory=CompletionStats)
+    stop: str | None = None
+    seq: int | None = None
+    model: str = ""
+    session: str | None = None
+    session_saved: bool | None = None
+    session_error: str | None = None
+    cache: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_wire()
+
+
+@dataclass
+class StreamChunk(Message):
+    """One streamed piece of a generation: whole UTF-8 text and its token ids."""
+
+    text: str
+    tokens: list[int]
+
+
+@dataclass
+class WorkerEndpoint(Message):
+    """``lookup``: where a model's worker listens."""
+
+    model: str
+    endpoint: str
+    generation: int
+    pid: int | None = None
+    backend: str = ""
+
+
+@dataclass
+class WorkerStatus(Message):
+    """One worker as ``status`` shows it."""
+
+    model: str
+    backend: str
+    state: str
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+    generation: int = 0
+    endpoint: str | None = None
+    load_progress: float = 0.0
+    inflight: int = 0
+    uptime_s: float | None = None
+
+
+@dataclass
+class FleetStatus(Message):
+    workers: list[dict[str, Any]]
+    address: str
+    pid: int
+
+
+@dataclass
+class Stopping(Message):
+    stopping: bool = True
+
+
+# -- worker -> supervisor events -----------------------------------------------------------
+@dataclass
+class Hello(Message):
+    """A worker's first event, sent before loading."""
+
+    model: str
+    pid: int
+    generation: int
+
+
+@dataclass
+class Heartbeat(Message):
+    """A worker's periodic state (and at once on a state change).
+
+    ``state``: ``loading`` (with ``load_progress``), ``ready`` (with ``endpoint``),
+    ``draining`` or ``error`` (with ``error``). ``progress`` counts completed units
+    of work, for the supervisor's progress watchdog."""
+
+    model: str
+    pid: int
+    generation: int
+    state: str
+    load_progress: float = 0.0
+    endpoint: str | None = None
+    error: str | None = None
+    progress: int = 0
+    inflight: int = 0
+
+
+@dataclass
+class WorkerSpec(Message):
+    """What the supervisor tells a worker it starts (JSON in $LLAMAFLEET_WORKER_SPEC)."""
+
+    model: str
+    backend: str
+    #: backend options, checked against the backend's OPTIONS when the config loaded
+    options: dict[str, Any]
+    endpoint: str
+    events_endpoint: str
+    generation: int
+    heartbeat_interval: float
+    log_level: str
+    #: seconds the supervisor waits after SIGTERM before SIGKILL
+    shutdown_grace: float
+    #: worker options, every key of config.WORKER_OPTIONS filled in
+    worker_options: dict[str, Any]
+    #: the model's default sampling (``[models.NAME.sampling]``)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    #: CURVE server certificate and authorized client keys (tcp:// endpoints)
+    curve_server_key: str | None = None
+    curve_authorized_clients: str | None = None
+
+
+#: Worker -> supervisor event types, by their wire name.
+EVENTS: dict[str, type[Message]] = {"hello": Hello, "heartbeat": Heartbeat}
 
 
 @dataclass(frozen=True)
 class Command:
-    """A protocol command: where it goes, its arguments, whether it streams."""
+    """A protocol command: where it goes, its arguments, its reply, whether it streams."""
 
     name: str
     target: str  # "worker" or "supervisor"
@@ -66,6 +379,8 @@ class Command:
     streaming: bool = False
     #: at least one of these argument names must be present
     one_of: tuple[str, ...] = ()
+    #: the type of the final result
+    reply: type[Message] = Empty
 
 
 # -- argument checks ----------------------------------------------------------------
@@ -160,26 +475,27 @@ _SAMPLING = Field(MAP, default=None, nullable=True)
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
     # worker commands
-    Command("ping", "worker"),
-    Command("info", "worker"),
+    Command("ping", "worker", reply=Pong),
+    Command("info", "worker", reply=Info),
     Command("tokenize", "worker", {
         "text": Field(STR, required=True, check=_max_len(MAX_TEXT_CHARS)),
         "add_special": Field(BOOL, default=True),
-        "parse_special": Field(BOOL, default=False)}),
+        "parse_special": Field(BOOL, default=False)}, reply=Tokens),
     Command("detokenize", "worker", {
         "tokens": Field(LIST, required=True, check=_token_list),
-        "special": Field(BOOL, default=False)}),
+        "special": Field(BOOL, default=False)}, reply=Text),
     Command("prefill", "worker", {
         "seq": _SEQ,
-        "tokens": Field(LIST, required=True, check=_token_list)}),
+        "tokens": Field(LIST, required=True, check=_token_list)}, reply=SeqLength),
     Command("decode", "worker", {
         "seq": _SEQ,
-        "sampling": _SAMPLING}),
+        "sampling": _SAMPLING}, reply=Decoded),
     Command("generate", "worker", {
         "prompt": _TEXT,
         "tokens": _TOKENS,
         "seq": Field(INT, nullable=True, check=_nonneg),
-        "max_tokens": Field(INT, default=256, check=lambda v: None if 0 <= v <= MAX_GENERATE_TOKENS
+        "max_tokens": Field(INT, default=DEFAULT_MAX_TOKENS,
+                            check=lambda v: None if 0 <= v <= MAX_GENERATE_TOKENS
                             else f"must be in 0..{MAX_GENERATE_TOKENS}"),
         "stop": Field(LIST, default=(), check=_str_list(MAX_STOP_STRINGS, MAX_STOP_CHARS)),
         "sampling": _SAMPLING,
@@ -191,51 +507,46 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         "session": Field(STR, nullable=True, check=_name),
         # the worker gives up (error "timeout") this many ms after receiving it
         "deadline_ms": Field(INT, nullable=True, check=_nonneg)},
-        streaming=True, one_of=("prompt", "tokens")),
-    Command("kv_pack", "worker", {"seq": _SEQ}),
+        streaming=True, one_of=("prompt", "tokens"), reply=Completion),
+    Command("kv_pack", "worker", {"seq": _SEQ}, reply=KvBlob),
     Command("kv_unpack", "worker", {
         "seq": _SEQ,
-        "data": Field(BYTES, required=True, check=_max_len(MAX_KV_BYTES))}),
-    Command("seq_clear", "worker", {"seq": _SEQ}),
+        "data": Field(BYTES, required=True, check=_max_len(MAX_KV_BYTES))}, reply=SeqLength),
+    Command("seq_clear", "worker", {"seq": _SEQ}, reply=Empty),
     Command("set_sampling", "worker", {
         "seq": _SEQ,
-        "sampling": Field(MAP, required=True)}),
+        "sampling": Field(MAP, required=True)}, reply=Empty),
     Command("set_grammar", "worker", {
         "seq": _SEQ,
         "grammar": Field(STR, nullable=True),
         "json_schema": Field(MAP + STR + BOOL, nullable=True)},
-        one_of=("grammar", "json_schema")),
+        one_of=("grammar", "json_schema"), reply=Empty),
     Command("load_adapter", "worker", {
         "name": Field(STR, required=True, check=_name),
-        "path": Field(STR, required=True, check=_max_len(MAX_PATH_CHARS))}),
+        "path": Field(STR, required=True, check=_max_len(MAX_PATH_CHARS))}, reply=AdapterLoaded),
     Command("unload_adapter", "worker", {
-        "name": Field(STR, required=True, check=_name)}),
+        "name": Field(STR, required=True, check=_name)}, reply=Empty),
     Command("set_adapters", "worker", {
-        "scales": Field(MAP, required=True, check=_scales)}),
+        "scales": Field(MAP, required=True, check=_scales)}, reply=Adapters),
     Command("embed", "worker", {
         "texts": Field(LIST, required=True, check=_str_list(MAX_EMBED_TEXTS, MAX_TEXT_CHARS)),
-        "normalize": Field(BOOL, default=True)}),
+        "normalize": Field(BOOL, default=True)}, reply=Embeddings),
     Command("apply_chat_template", "worker", {
         "messages": Field(LIST, required=True, check=_messages),
         "system": Field(STR, nullable=True, check=_max_len(MAX_TEXT_CHARS)),
         "add_generation_prompt": Field(BOOL, default=True),
-        "enable_thinking": Field(BOOL, nullable=True)}),
-    Command("cancel", "worker", {"target": Field(INT, required=True)}),
+        "enable_thinking": Field(BOOL, nullable=True)}, reply=Prompt),
+    Command("cancel", "worker", {"target": Field(INT, required=True)}, reply=CancelResult),
     # supervisor commands
     Command("lookup", "supervisor", {
         "model": Field(STR, required=True, check=_name),
         "wait_ms": Field(INT, default=0, check=_nonneg),
         # the caller saw this generation die: answer with a newer one only
-        "after_generation": Field(INT, default=0, check=_nonneg)}),
-    Command("status", "supervisor"),
-    Command("shutdown", "supervisor"),
+        "after_generation": Field(INT, default=0, check=_nonneg)}, reply=WorkerEndpoint),
+    Command("status", "supervisor", reply=FleetStatus),
+    Command("shutdown", "supervisor", reply=Stopping),
 ]}
 
-#: Worker -> supervisor event types.
-WORKER_EVENTS = ("hello", "heartbeat")
-WORKER_STATES = ("loading", "ready", "draining", "error")
-#: Supervisor-side worker states (what `llamafleet status` shows).
-SUPERVISOR_STATES = ("starting", "ready", "restarting", "failed", "stopped")
 
 
 def validate_args(cmd: str, args: Any) -> dict[str, Any]:
@@ -265,24 +576,13 @@ def validate_args(cmd: str, args: Any) -> dict[str, Any]:
                 out[name] = list(f.default) if isinstance(f.default, tuple) else f.default
                 continue
             raise BadRequest(f"{cmd}: argument {name!r} must not be null")
-        if isinstance(value, bool) and bool not in f.types:
-            raise BadRequest(f"{cmd}: argument {name!r} has type bool, "
-                             f"expected {_type_names(f.types)}")
-        if not isinstance(value, f.types):
-            raise BadRequest(f"{cmd}: argument {name!r} has type {type(value).__name__}, "
-                             f"expected {_type_names(f.types)}")
-        if f.check is not None:
-            problem = f.check(value)
-            if problem:
-                raise BadRequest(f"{cmd}: argument {name!r} {problem}")
+        problem = f.problem(value)
+        if problem:
+            raise BadRequest(f"{cmd}: argument {name!r} {problem}")
         out[name] = list(value) if isinstance(value, tuple) else value
     if spec.one_of and not any(args.get(k) is not None for k in spec.one_of):
         raise BadRequest(f"{cmd}: one of {', '.join(map(repr, spec.one_of))} is required")
     return out
-
-
-def _type_names(types: tuple[type, ...]) -> str:
-    return "/".join(sorted({t.__name__ for t in types}))
 
 
 # -- encoding -------------------------------------------------------------------------
@@ -316,14 +616,16 @@ def request(req_id: int, cmd: str, args: dict[str, Any] | None = None) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "id": req_id, "cmd": cmd, "args": args or {}})
 
 
-def result(req_id: Any, value: Any) -> bytes:
+def result(req_id: Any, value: Message) -> bytes:
     """Encode a final successful reply."""
-    return pack({"v": PROTOCOL_VERSION, "id": req_id, "kind": "result", "result": value})
+    return pack({"v": PROTOCOL_VERSION, "id": req_id, "kind": "result",
+                 "result": value.to_wire()})
 
 
-def chunk(req_id: Any, data: Any) -> bytes:
+def chunk(req_id: Any, data: StreamChunk) -> bytes:
     """Encode one streamed piece of a reply."""
-    return pack({"v": PROTOCOL_VERSION, "id": req_id, "kind": "chunk", "data": data})
+    return pack({"v": PROTOCOL_VERSION, "id": req_id, "kind": "chunk",
+                 "data": {"text": data.text, "tokens": data.tokens}})
 
 
 def error(req_id: Any, err: LlamafleetError) -> bytes:
@@ -351,8 +653,19 @@ def parse_request(data: bytes) -> tuple[Any, str, dict[str, Any]]:
     return req_id, cmd, args
 
 
-def event(kind: str, **fields: Any) -> bytes:
-    """Encode a worker -> supervisor event."""
-    if kind not in WORKER_EVENTS:
-        raise ValueError(f"unknown worker event {kind!r}")
-    return pack({"v": PROTOCOL_VERSION, "type": kind, **fields})
+def encode_event(ev: Message) -> bytes:
+    """Encode a worker -> supervisor event (a Hello or a Heartbeat)."""
+    kind = next((k for k, t in EVENTS.items() if type(ev) is t), None)
+    if kind is None:
+        raise TypeError(f"{type(ev).__name__} is not a worker event")
+    return pack({"v": PROTOCOL_VERSION, "type": kind, **ev.to_wire()})
+
+
+def decode_event(data: bytes) -> Message:
+    """Decode a worker event; ProtocolError if it is not one."""
+    msg = unpack(data)
+    cls = EVENTS.get(str(msg.pop("type", "")))
+    if cls is None:
+        raise ProtocolError("not a worker event")
+    msg.pop("v", None)
+    return cls.from_wire(msg)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from runtime.errors import BadRequest
+from llamafleet.runtime.errors import BadRequest
 
 #: Largest grammar text accepted (bytes of GBNF or of the JSON schema).
 MAX_GRAMMAR_BYTES = 64 * 1024
@@ -37,7 +37,7 @@ class SamplingParams:
     json_schema: Any = None
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> "SamplingParams":
+    def from_dict(cls, raw: dict[str, Any] | None) -> SamplingParams:
         """Build and validate from a plain dict; unknown keys are a BadRequest."""
         raw = dict(raw or {})
         names = {f.name for f in fields(cls)}

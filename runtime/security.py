@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from runtime.errors import BadRequest
+from llamafleet.runtime.errors import BadRequest
 
 log = logging.getLogger("llamafleet.security")
 
@@ -68,7 +68,7 @@ def load_public_key(value: str | bytes | os.PathLike[str]) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(str(value))
     except (OSError, ValueError) as exc:
-        raise BadRequest(f"cannot read CURVE public key {value}: {exc}") from None
+        raise BadRequest(f"cannot read CURVE public key {value!r}: {exc}") from None
     return public
 
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime.config import Config  # noqa: E402
-from runtime.supervisor import Supervisor  # noqa: E402
+from llamafleet.runtime.config import Config  # noqa: E402
+from llamafleet.runtime.supervisor import Supervisor  # noqa: E402
 
 #: Fast supervision settings so crash tests run in seconds.
 FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.5, "restart_backoff_initial": 0.05,

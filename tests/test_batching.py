@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
-from runtime.errors import Overloaded, RequestTimeout
+from llamafleet.client import Client
+from llamafleet.runtime.errors import Overloaded, RequestTimeout
 from tests.conftest import kill, wait_for, worker_pid
 
 PROMPTS = [f"request number {i}: tell me something" for i in range(8)]
@@ -17,7 +17,7 @@ PROMPTS = [f"request number {i}: tell me something" for i in range(8)]
 
 def test_eight_concurrent_streams_match_their_solo_runs(fleet) -> None:
     sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 8, "token_delay": 0.002}})
-    with sup.client(timeout=60) as c:
+    with Client(sup.address, timeout=60) as c:
         solo = [c.generate("tiny", p, max_tokens=30, temperature=0, ignore_eos=True)
                 for p in PROMPTS]
         out: dict[int, tuple[str, list[int]]] = {}
@@ -27,13 +27,13 @@ def test_eight_concurrent_streams_match_their_solo_runs(fleet) -> None:
             text = "".join(s)
             out[i] = (text, s.result.tokens if s.result else [])
 
-        ticks_before = c.info("tiny")["scheduler"]["ticks"]
+        ticks_before = c.info("tiny").scheduler.ticks
         threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        ticks = c.info("tiny")["scheduler"]["ticks"] - ticks_before
+        ticks = c.info("tiny").scheduler.ticks - ticks_before
         for i in range(8):
             assert out[i] == (solo[i].text, solo[i].tokens)
         # batched: far fewer ticks than 8 requests x 31 evaluations one by one
@@ -43,13 +43,13 @@ def test_eight_concurrent_streams_match_their_solo_runs(fleet) -> None:
 def test_queue_limit_answers_overloaded_at_once(fleet) -> None:
     sup = fleet({"one": {"backend": "fake", "n_seq_max": 1, "max_queue": 1,
                          "token_delay": 0.02}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         running = c.stream("one", "a", max_tokens=500, ignore_eos=True)
         next(running)
         queued = c.stream("one", "b", max_tokens=3, temperature=0)
         queued_thread = threading.Thread(target=lambda: queued.collect())
         queued_thread.start()
-        wait_for(lambda: c.info("one")["scheduler"]["queued"] == 1, timeout=5)
+        wait_for(lambda: c.info("one").scheduler.queued == 1, timeout=5)
         t0 = time.monotonic()
         with pytest.raises(Overloaded) as info:
             c.generate("one", "c", max_tokens=3)
@@ -58,13 +58,13 @@ def test_queue_limit_answers_overloaded_at_once(fleet) -> None:
         running.cancel()  # frees the slot: the queued request runs
         queued_thread.join(10)
         assert queued.result is not None and len(queued.result.tokens) == 3
-        assert queued.result.stats["queue_ms"] > 0
+        assert queued.result.stats.queue_ms > 0
 
 
 def test_a_long_prompt_does_not_stall_running_streams(fleet) -> None:
     sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 2, "n_batch": 16,
                           "token_delay": 0.01, "n_ctx": 4096, "stream_interval_ms": 0}})
-    with sup.client(timeout=60) as c:
+    with Client(sup.address, timeout=60) as c:
         stream = c.stream("tiny", "go", max_tokens=400, ignore_eos=True, temperature=0)
         next(stream)
         seen: list[float] = []
@@ -85,46 +85,46 @@ def test_a_long_prompt_does_not_stall_running_streams(fleet) -> None:
         t.join(10)
         stream.cancel()
         during = [s for s in seen if t0 <= s <= t1]
-        assert long.stats["prompt_tokens"] == 1501
+        assert long.stats.prompt_tokens == 1501
         # the running stream kept producing tokens during the whole chunked prefill
         assert len(during) > 40
 
 
 def test_deadline_ends_a_request_on_the_worker(fleet) -> None:
     sup = fleet({"one": {"backend": "fake", "n_seq_max": 1, "token_delay": 0.02}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         t0 = time.monotonic()
         with pytest.raises(RequestTimeout):
             c.generate("one", "a", max_tokens=60_000, ignore_eos=True, timeout=0.5)
         assert time.monotonic() - t0 < 2.0
-        wait_for(lambda: c.info("one")["scheduler"]["running"] == 0, timeout=3)
+        wait_for(lambda: c.info("one").scheduler.running == 0, timeout=3)
 
 
 def test_cached_prefix_is_hit_and_gives_the_cold_output(fleet) -> None:
     sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 8},
                  "cold": {"backend": "fake", "prefix_cache": False}})
     system = "You are a careful assistant. Answer in one line. " * 3
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         first = c.generate("tiny", system + "Q1?", max_tokens=10, temperature=0)
-        assert first.stats["cached_tokens"] == 0
+        assert first.stats.cached_tokens == 0
         second = c.generate("tiny", system + "Q2, a different question?", max_tokens=10,
                             temperature=0)
         shared = len(c.tokenize("tiny", system + "Q"))
-        assert second.stats["cached_tokens"] == shared
+        assert second.stats.cached_tokens == shared
         cold = c.generate("cold", system + "Q2, a different question?", max_tokens=10,
                           temperature=0)
         unsaved = c.call("cold", "generate", {"prompt": "hi", "max_tokens": 2,
                                               "session": "s", "stream": False})
         assert unsaved["session_saved"] is False and "prefix_cache" in unsaved["session_error"]
-        assert cold.stats["cached_tokens"] == 0 and second.tokens == cold.tokens
-        stats = c.info("tiny")["cache"]
+        assert cold.stats.cached_tokens == 0 and second.tokens == cold.tokens
+        stats = c.info("tiny").cache
         assert stats["hits_ram"] >= 1 and stats["ram_entries"] >= 1
 
 
 def test_session_survives_sigkill_of_its_worker(fleet, short_dir: Path) -> None:
     sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 8}})
     history = "user: plan a trip to the mountains for three days please\nassistant:"
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         t1 = c.generate("tiny", history, max_tokens=12, temperature=0, session="trip")
         assert t1.tokens
         persisted = len(c.tokenize("tiny", history)) + len(t1.tokens)
@@ -133,8 +133,8 @@ def test_session_survives_sigkill_of_its_worker(fleet, short_dir: Path) -> None:
         turn2 = history + t1.text + "\nuser: and the budget?\nassistant:"
         t2 = c.generate("tiny", turn2, max_tokens=12, temperature=0, session="trip")
         # resumed from the persisted state instead of re-prefilling everything
-        assert t2.stats["cached_tokens"] >= persisted - 1
-        assert c.info("tiny")["cache"]["hits_disk"] >= 1
+        assert t2.stats.cached_tokens >= persisted - 1
+        assert c.info("tiny").cache["hits_disk"] >= 1
 
 
 def test_corrupted_cache_file_is_detected_and_ignored(fleet, tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_corrupted_cache_file_is_detected_and_ignored(fleet, tmp_path: Path) -> 
     sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 8,
                           "cache_dir": str(cache_dir)}})
     prompt = "the quick brown fox jumps over the lazy dog " * 2
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         cold = c.generate("tiny", prompt, max_tokens=10, temperature=0, session="s")
         wait_for(lambda: list(cache_dir.glob("*.kv")), timeout=5)
         for f in cache_dir.glob("*.kv"):
@@ -153,14 +153,14 @@ def test_corrupted_cache_file_is_detected_and_ignored(fleet, tmp_path: Path) -> 
         wait_for(lambda: c.status()[0]["restarts"] == 1 and c.status()[0]["state"] == "ready")
         again = c.generate("tiny", prompt, max_tokens=10, temperature=0, session="s")
         assert again.tokens == cold.tokens
-        assert again.stats["cached_tokens"] == 0
-        assert c.info("tiny")["cache"]["corrupt_files"] >= 1
+        assert again.stats.cached_tokens == 0
+        assert c.info("tiny").cache["corrupt_files"] >= 1
 
 
 def test_request_ids_are_per_client(fleet) -> None:
     """Two clients number their requests alike: neither may disturb the other."""
     sup = fleet({"f": {"backend": "fake", "token_delay": 0.01}})
-    with sup.client(timeout=30) as a, sup.client(timeout=30) as b:
+    with Client(sup.address, timeout=30) as a, Client(sup.address, timeout=30) as b:
         a.ping("f")
         b.ping("f")  # both clients have now used the same ids
         results: dict[str, object] = {}
@@ -187,7 +187,7 @@ def test_request_ids_are_per_client(fleet) -> None:
 def test_generate_when_every_slot_holds_caller_state_is_overloaded(fleet) -> None:
     """Nothing running could free a slot: refuse at once instead of waiting forever."""
     sup = fleet({"two": {"backend": "fake", "n_seq_max": 2}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         toks = c.tokenize("two", "kept")
         c.prefill("two", 0, toks)
         c.prefill("two", 1, toks)
@@ -204,7 +204,7 @@ def test_stream_deltas_are_coalesced_but_the_first_goes_out_at_once(fleet) -> No
     sup = fleet({"every": {"backend": "fake", "token_delay": 0.002, "stream_interval_ms": 0},
                  "coalesced": {"backend": "fake", "token_delay": 0.002,
                                "stream_interval_ms": 50}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         runs = {}
         for model in ("every", "coalesced"):
             s = c.stream(model, "abc", max_tokens=120, temperature=0, ignore_eos=True)
@@ -221,17 +221,19 @@ def test_stream_deltas_are_coalesced_but_the_first_goes_out_at_once(fleet) -> No
 def test_streams_share_one_flush_clock() -> None:
     """Coalesced chunks of concurrent streams leave in the same ticks, so a client
     reading several streams wakes once per interval rather than once per stream."""
-    from backends import get_backend
-    from runtime.sampling import SamplingParams
-    from worker.generation import Generation
-    from worker.scheduler import Scheduler
+    from llamafleet.backends import get_backend
+    from llamafleet.runtime.sampling import SamplingParams
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
 
     be = get_backend("fake")({"token_delay": 0.002, "n_seq_max": 4})
     be.load()
     sched: Scheduler
+    from llamafleet.runtime.protocol import StreamChunk
     sends: list[tuple[int, int, str]] = []  # (tick, request, kind)
-    sched = Scheduler(be, send=lambda peer, req_id, kind, data: sends.append(
-        (sched.ticks, req_id, kind)), stream_interval=0.02)
+    sched = Scheduler(be, send=lambda peer, req_id, out: sends.append(
+        (sched.ticks, req_id, "chunk" if isinstance(out, StreamChunk) else "other")),
+        stream_interval=0.02)
 
     def gen(req_id: int, n: int) -> Generation:
         return Generation(peer=b"p", req_id=req_id, stream=True, prompt_tokens=[1, 2, 3],

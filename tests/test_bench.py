@@ -24,8 +24,8 @@ def _positive(x: object) -> bool:
 
 @pytest.fixture(scope="module")
 def doc() -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--tiny", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run([sys.executable, "-m", "llamafleet", "bench", "--quick", "--tiny", "--json"],
+                          cwd="/", capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[bench" in proc.stderr  # progress goes to stderr
     return json.loads(proc.stdout)  # exactly one JSON document on stdout

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
-from runtime.errors import BadRequest, NotFound, NotSupported, ProtocolError
+from llamafleet.client import Client
+from llamafleet.runtime.errors import BadRequest, NotFound, NotSupported, ProtocolError
 
 MODELS = {"tiny": {"backend": "fake", "n_seq_max": 4},
-          "bare": {"backend": "tests.minimal_backend:MinimalBackend"}}
+          "bare": {"backend": "llamafleet.testing.minimal_backend:MinimalBackend"}}
 
 
 @pytest.fixture
 def client(fleet, tmp_path: Path) -> Client:
     models = {**MODELS, "tiny": {**MODELS["tiny"], "adapter_dirs": [str(tmp_path)]}}
     sup = fleet(models)
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         yield c
 
 
@@ -29,12 +29,12 @@ def greedy(c: Client, prompt: str, n: int = 12, **kw) -> str:
 
 def test_ping_info_and_status(client: Client) -> None:
     pong = client.ping("tiny")
-    assert pong["pong"] is True and pong["model"] == "tiny" and pong["pid"] > 0
+    assert pong.pong is True and pong.model == "tiny" and pong.pid > 0
     info = client.info("tiny")
-    assert info["backend"] == "fake" and info["n_seq_max"] == 4 and info["n_vocab"] == 260
-    assert info["chat_template"]
+    assert info.backend == "fake" and info.n_seq_max == 4 and info.n_vocab == 260
+    assert info.chat_template
     states = {w["model"]: w for w in client.status()}
-    assert states["tiny"]["state"] == "ready" and states["tiny"]["pid"] == pong["pid"]
+    assert states["tiny"]["state"] == "ready" and states["tiny"]["pid"] == pong.pid
     assert states["tiny"]["restarts"] == 0 and states["tiny"]["last_exit"] is None
 
 
@@ -53,8 +53,8 @@ def test_generate_is_deterministic_and_streams_the_same_text(client: Client) -> 
     b = client.generate("tiny", "Once upon", max_tokens=16, temperature=0)
     assert a.tokens == b.tokens and a.text == b.text
     assert a.finish_reason in ("length", "eog")
-    assert a.stats["prompt_tokens"] == len(client.tokenize("tiny", "Once upon"))
-    assert a.stats["generated_tokens"] == len(a.tokens)
+    assert a.stats.prompt_tokens == len(client.tokenize("tiny", "Once upon"))
+    assert a.stats.generated_tokens == len(a.tokens)
     stream = client.stream("tiny", "Once upon", max_tokens=16, temperature=0)
     pieces = list(stream)
     assert "".join(pieces) == a.text
@@ -126,7 +126,7 @@ def test_grammar_constrains_and_bad_grammar_fails_closed(client: Client) -> None
     assert text.endswith("!") and text[:-1].isdigit()
     with pytest.raises(BadRequest):
         client.set_grammar("tiny", 3, "root ::= (")
-    assert client.ping("tiny")["pong"]
+    assert client.ping("tiny").pong
 
 
 def test_adapters_change_output_by_name_and_scale(client: Client, tmp_path: Path) -> None:
@@ -166,8 +166,8 @@ def test_adapters_change_output_by_name_and_scale(client: Client, tmp_path: Path
     os.mkfifo(fifo)  # opening it would block the worker forever
     with pytest.raises(BadRequest, match="not a regular file"):
         client.load_adapter("tiny", "fifo", str(fifo))
-    assert client.ping("tiny")["pong"]
-    assert set(client.info("tiny")["adapters"]) == {"other"}
+    assert client.ping("tiny").pong
+    assert set(client.info("tiny").adapters) == {"other"}
 
 
 def test_embeddings_are_deterministic_unit_vectors(client: Client) -> None:
@@ -194,7 +194,7 @@ def test_chat_template_and_chat(client: Client) -> None:
 
 def test_cancel_a_stream_frees_its_sequence(fleet) -> None:
     sup = fleet({"slow": {"backend": "fake", "n_seq_max": 1, "token_delay": 0.02}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         stream = c.stream("slow", "x", max_tokens=60_000, ignore_eos=True, temperature=0)
         next(stream)
         stream.cancel()
@@ -227,7 +227,7 @@ def test_bad_requests_are_typed_and_the_worker_keeps_serving(client: Client) -> 
     with pytest.raises(BadRequest, match="cannot be encoded"):
         client.call("tiny", "set_sampling", {"seq": 0, "sampling": {"logit_bias": {10**30: 0.0}}})
     assert not any(conn.calls for conn in client._async._conns.values())  # nothing left behind
-    assert client.ping("tiny")["pong"]
+    assert client.ping("tiny").pong
 
 
 def test_missing_features_answer_not_supported(client: Client, tmp_path: Path) -> None:
@@ -242,7 +242,8 @@ def test_missing_features_answer_not_supported(client: Client, tmp_path: Path) -
 
 def test_raw_garbage_gets_a_protocol_error(fleet) -> None:
     import zmq
-    from runtime import protocol
+
+    from llamafleet.runtime import protocol
     sup = fleet({"tiny": {"backend": "fake"}})
     endpoint = sup.status()[0]["endpoint"]
     ctx = zmq.Context()
@@ -273,3 +274,46 @@ def test_tcp_transport(fleet) -> None:
         r = c.generate("tiny", "hi", max_tokens=5, temperature=0)
         assert len(r.tokens) == 5
         assert "".join(c.stream("tiny", "hi", max_tokens=5, temperature=0)) == r.text
+
+
+def test_model_sampling_defaults_and_request_values_win(fleet) -> None:
+    sup = fleet({"cold": {"backend": "fake", "sampling": {"temperature": 0.0}},
+                 "warm": {"backend": "fake"}})
+    with Client(sup.address, timeout=30) as c:
+        assert c.info("cold").sampling == {"temperature": 0.0}
+        assert c.info("warm").sampling == {}
+        # the model's default makes an unparameterised request greedy ...
+        greedy_text = c.generate("warm", "Once upon", max_tokens=24, temperature=0).text
+        assert [c.generate("cold", "Once upon", max_tokens=24).text
+                for _ in range(2)] == [greedy_text] * 2
+        # ... and a request's own values override it
+        hot = {c.generate("cold", "Once upon", max_tokens=24, temperature=1.5, seed=s).text
+               for s in range(4)}
+        assert hot != {greedy_text}
+        # the stream path uses the same defaults
+        assert "".join(c.stream("cold", "Once upon", max_tokens=24)) == greedy_text
+
+
+def test_every_reply_field_is_an_attribute(fleet, short_dir: Path) -> None:
+    sup = fleet({"tiny": {"backend": "fake", "cache_min_tokens": 4,
+                          "cache_dir": str(short_dir / "cache")},
+                 "nocache": {"backend": "fake", "prefix_cache": False}})
+    prompt = "a shared prompt that is long enough to be worth caching"
+    with Client(sup.address, timeout=30) as c:
+        first = c.generate("tiny", prompt, max_tokens=6, temperature=0, session="s1")
+        assert first.session == "s1" and first.session_saved is True
+        assert first.session_error is None and first.model == "tiny"
+        assert first.cache is None and first.stats.cached_tokens == 0
+        again = c.generate("tiny", prompt, max_tokens=6, temperature=0)
+        assert again.cache == "ram" and again.stats.cached_tokens > 0
+        assert again.session is None and again.session_saved is None
+        unsaved = c.generate("nocache", prompt, max_tokens=4, session="s2")
+        assert unsaved.session_saved is False and "prefix_cache" in (unsaved.session_error or "")
+        # the stream's result carries the same fields
+        s = c.stream("tiny", prompt, max_tokens=6, temperature=0, session="s3")
+        done = s.collect()
+        assert done.session == "s3" and done.session_saved is True
+        assert done.stats.generated_tokens == len(done.tokens)
+        info = c.info("tiny")
+        assert info.scheduler is not None and info.scheduler.max_queue == 64
+        assert info.cache is not None and info.cache["ram_entries"] >= 1

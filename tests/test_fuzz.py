@@ -35,10 +35,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime import protocol
-from runtime.errors import ERROR_TYPES, BadRequest
-from runtime.sampling import SamplingParams
-from runtime.supervisor import Supervisor
+from llamafleet.runtime import protocol
+from llamafleet.runtime.errors import ERROR_TYPES, BadRequest
+from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.runtime.supervisor import Supervisor
 from tests.conftest import make_config, pid_alive, worker_pid
 from tests.figures import merge_figures
 
@@ -279,12 +279,12 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
     files = _fuzz_files(rd)
     if backend == "llama":
         try:
-            from backends.llama import binding
+            from llamafleet.backends.llama import binding
             binding.lib()
         except Exception as exc:  # noqa: BLE001 - any failure means: no libllama here
             shutil.rmtree(rd, ignore_errors=True)
             pytest.skip(f"libllama not available: {exc}")
-        from tests.tiny_gguf import TinyModelSpec, write_lora_adapter, write_tiny_model
+        from llamafleet.testing.tiny_gguf import TinyModelSpec, write_lora_adapter, write_tiny_model
         spec = TinyModelSpec()
         files["model"] = write_tiny_model(rd / "tiny.gguf", spec)
         files["lora"] = write_lora_adapter(rd / "lora.gguf", spec)

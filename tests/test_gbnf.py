@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from backends.gbnf import Grammar, GrammarError, Matcher, parse_gbnf
-from backends.json_schema import json_schema_to_gbnf
-from runtime.errors import BadRequest
+from llamafleet.backends.gbnf import Grammar, GrammarError, Matcher, parse_gbnf
+from llamafleet.backends.json_schema import json_schema_to_gbnf
+from llamafleet.runtime.errors import BadRequest
 
 
 def full_match(grammar: Grammar | str, text: str | bytes) -> bool:

@@ -18,21 +18,29 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
-from runtime.errors import BadRequest, NotFound, WorkerCrashed, WorkerFailed
+from llamafleet.client import Client
+from llamafleet.runtime.errors import BadRequest, NotFound, WorkerCrashed, WorkerFailed
 from tests.conftest import kill, make_config, pid_alive, wait_for, worker_pid
 
 pytestmark = pytest.mark.llama
 
 try:
-    from backends.llama import binding
+    from llamafleet.backends.llama import binding
     binding.lib()
 except Exception as exc:  # noqa: BLE001 - any failure means: no libllama here
     pytest.skip(f"libllama not available: {exc}", allow_module_level=True)
 
-from runtime.supervisor import Supervisor  # noqa: E402
-from tests.tiny_gguf import (BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, N_VOCAB,  # noqa: E402
-                             TinyModelSpec, write_lora_adapter, write_tiny_model)
+from llamafleet.runtime.supervisor import Supervisor  # noqa: E402
+from llamafleet.testing.tiny_gguf import (  # noqa: E402
+    BOS_ID,
+    EOS_ID,
+    IM_END_ID,
+    IM_START_ID,
+    N_VOCAB,
+    TinyModelSpec,
+    write_lora_adapter,
+    write_tiny_model,
+)
 
 #: Options shared by every tiny llama worker.
 OPTS = {"backend": "llama", "n_ctx": 256, "n_seq_max": 4, "n_batch": 64, "n_ubatch": 64,
@@ -90,7 +98,7 @@ def sup(files: dict[str, Path]) -> Iterator[Supervisor]:
 
 @pytest.fixture(scope="module")
 def client(sup: Supervisor) -> Iterator[Client]:
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         yield c
 
 
@@ -103,7 +111,7 @@ def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
         for seq in range(OPTS["n_seq_max"]):
             c.seq_clear("tiny", seq)
         c.set_adapters("tiny", {})
-        for name in c.info("tiny")["adapters"]:
+        for name in c.info("tiny").adapters:
             c.unload_adapter("tiny", name)
 
 
@@ -114,26 +122,26 @@ def greedy(c: Client, prompt: str, n: int = 12, model: str = "tiny", **kw):
 # -- basics ----------------------------------------------------------------------------------
 def test_ping_info_and_status(client: Client, sup: Supervisor) -> None:
     pong = client.ping("tiny")
-    assert pong["pong"] is True and pong["model"] == "tiny"
-    assert pong["pid"] == worker_pid(sup, "tiny")
+    assert pong.pong is True and pong.model == "tiny"
+    assert pong.pid == worker_pid(sup, "tiny")
     info = client.info("tiny")
-    assert info["backend"] == "llama" and info["architecture"] == "llama"
-    assert info["n_vocab"] == N_VOCAB == 512
-    assert info["n_ctx"] == 256 and info["n_seq_max"] == 4 and info["n_embd"] == 64
-    assert info["bos_token"] == BOS_ID and info["eos_token"] == EOS_ID
-    assert info["chat_template"] and "<|im_start|>" in info["chat_template"]
-    assert info["name"] == "tiny-llama" and info["model"] == "tiny"
+    assert info.backend == "llama" and info.architecture == "llama"
+    assert info.n_vocab == N_VOCAB == 512
+    assert info.n_ctx == 256 and info.n_seq_max == 4 and info.n_embd == 64
+    assert info.bos_token == BOS_ID and info.eos_token == EOS_ID
+    assert info.chat_template and "<|im_start|>" in info.chat_template
+    assert info.name == "tiny-llama" and info.model == "tiny"
     assert {"kv", "grammar", "json_schema", "lora", "embeddings",
-            "chat_template"} <= set(info["features"])
-    assert info["adapters"] == {}
-    assert client.info("long")["n_ctx"] == 65536
+            "chat_template"} <= set(info.features)
+    assert info.adapters == {}
+    assert client.info("long").n_ctx == 65536
     states = {w["model"]: w for w in client.status()}
     assert set(states) == {"tiny", "other", "stop", "long", "nocache", "eight"}
     assert all(w["state"] == "ready" and w["backend"] == "llama" for w in states.values())
-    assert states["tiny"]["pid"] == pong["pid"]
+    assert states["tiny"]["pid"] == pong.pid
     found = client.lookup("tiny")
-    assert found["pid"] == pong["pid"] and found["backend"] == "llama"
-    assert found["endpoint"] == states["tiny"]["endpoint"]
+    assert found.pid == pong.pid and found.backend == "llama"
+    assert found.endpoint == states["tiny"]["endpoint"]
 
 
 def test_tokenize_detokenize_round_trip(client: Client) -> None:
@@ -166,8 +174,8 @@ def test_generate_greedy_is_deterministic_and_stream_matches(client: Client) -> 
     b = greedy(client, "Once upon a time", 24)
     assert a.tokens == b.tokens and a.text == b.text and len(a.tokens) == 24
     assert a.finish_reason == "length" and a.seq is None
-    assert a.stats["prompt_tokens"] == len(client.tokenize("tiny", "Once upon a time"))
-    assert a.stats["generated_tokens"] == 24
+    assert a.stats.prompt_tokens == len(client.tokenize("tiny", "Once upon a time"))
+    assert a.stats.generated_tokens == 24
     assert greedy(client, "something else", 24).tokens != a.tokens
     # the same prompt given as tokens
     toks = client.tokenize("tiny", "Once upon a time")
@@ -214,12 +222,12 @@ def test_eight_concurrent_streams_equal_their_solo_runs(sup: Supervisor, client:
         t.join(60)
     assert [out.get(i) for i in range(8)] == [(r.text, r.tokens) for r in solo]
     # they really ran batched together
-    assert client.info("eight")["scheduler"]["peak_running"] >= 4
+    assert client.info("eight").scheduler.peak_running >= 4
 
 
 def test_libllama_override_is_honoured(fleet, files: dict[str, Path],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from backends.llama.binding import find_library
+    from llamafleet.backends.llama.binding import find_library
     real = find_library()
     monkeypatch.setenv("LLAMAFLEET_LIBLLAMA", "/nonexistent/libllama.so")
     sup = fleet({"bad": {**OPTS, "path": str(files["model"])}}, wait=False)
@@ -228,7 +236,7 @@ def test_libllama_override_is_honoured(fleet, files: dict[str, Path],
     sup.stop()
     monkeypatch.setenv("LLAMAFLEET_LIBLLAMA", real)
     good = fleet({"good": {**OPTS, "path": str(files["model"])}})
-    with good.client(timeout=30) as c:
+    with Client(good.address, timeout=30) as c:
         assert len(c.generate("good", "hello", max_tokens=3, temperature=0,
                               ignore_eos=True).tokens) == 3
 
@@ -349,7 +357,7 @@ def test_kv_blob_of_another_model_is_refused(client: Client, sup: Supervisor) ->
     with pytest.raises(BadRequest, match="no logits"):
         client.decode("other", 0)
     # the other worker still serves, same process
-    assert client.ping("other")["pid"] == pid
+    assert client.ping("other").pid == pid
     assert len(greedy(client, "hello", 3, model="other").tokens) == 3
     # and its own blobs work there
     client.prefill("other", 0, client.tokenize("other", "hello world"))
@@ -408,7 +416,7 @@ def test_grammar_constrains_and_bad_grammar_fails_closed(client: Client, sup: Su
     assert d.token is None and d.eog and d.reason == "grammar"
     r = greedy(client, "hi", 5, grammar="root ::= [\\x00] [a]")
     assert r.finish_reason == "grammar" and r.tokens == []
-    assert client.ping("tiny")["pid"] == pid
+    assert client.ping("tiny").pid == pid
 
 
 def test_json_schema_output_parses_and_matches(client: Client) -> None:
@@ -441,10 +449,10 @@ def test_lora_adapters(client: Client, sup: Supervisor, files: dict[str, Path]) 
     pid = worker_pid(sup, "tiny")
     base = greedy(client, "hello world", 12).tokens
     loaded = client.load_adapter("tiny", "a", str(files["lora"]))
-    assert loaded["name"] == "a" and loaded["architecture"] == "llama"
-    assert loaded["path"] == str(files["lora"]) and loaded["alpha"] == 8.0
+    assert loaded.name == "a" and loaded.extra["architecture"] == "llama"
+    assert loaded.path == str(files["lora"]) and loaded.extra["alpha"] == 8.0
     client.load_adapter("tiny", "b", str(files["lora2"]))
-    assert client.info("tiny")["adapters"] == {
+    assert client.info("tiny").adapters == {
         "a": {"path": str(files["lora"]), "scale": None},
         "b": {"path": str(files["lora2"]), "scale": None}}
     assert greedy(client, "hello world", 12).tokens == base  # loaded is not active
@@ -470,7 +478,7 @@ def test_lora_adapters(client: Client, sup: Supervisor, files: dict[str, Path]) 
     # unloading an active adapter removes it from the set first
     client.set_adapters("tiny", {"a": 1.0})
     client.unload_adapter("tiny", "a")
-    assert set(client.info("tiny")["adapters"]) == {"b"}
+    assert set(client.info("tiny").adapters) == {"b"}
     assert greedy(client, "hello world", 12).tokens == base
     with pytest.raises(NotFound):
         client.unload_adapter("tiny", "a")
@@ -491,8 +499,8 @@ def test_lora_adapters(client: Client, sup: Supervisor, files: dict[str, Path]) 
         client.load_adapter("tiny", "x", str(files["dir"]))
     with pytest.raises(BadRequest, match="not a LoRA"):
         client.load_adapter("tiny", "x", str(files["model"]))
-    assert set(client.info("tiny")["adapters"]) == {"b"}
-    assert client.ping("tiny")["pid"] == pid
+    assert set(client.info("tiny").adapters) == {"b"}
+    assert client.ping("tiny").pid == pid
 
 
 # -- embeddings and chat --------------------------------------------------------------------------
@@ -528,7 +536,7 @@ def test_chat_template_and_chat(client: Client) -> None:
     assert toks[0] == IM_START_ID and toks.count(IM_END_ID) == 2 and BOS_ID not in toks
     r = client.chat("tiny", msgs, system="Be brief.", max_tokens=10, temperature=0)
     ref = client.generate("tiny", tokens=toks, max_tokens=10, temperature=0)
-    assert r.tokens == ref.tokens and r.stats["prompt_tokens"] == len(toks)
+    assert r.tokens == ref.tokens and r.stats.prompt_tokens == len(toks)
     chunks = client.chat_stream("tiny", msgs, system="Be brief.", max_tokens=10, temperature=0)
     assert "".join(chunks) == r.text and chunks.tokens == r.tokens
 
@@ -549,8 +557,8 @@ def test_prefix_cache_hits_give_the_uncached_output(client: Client,
         ref = client.generate("nocache", tokens=toks, max_tokens=12, temperature=0)
         got = client.generate("tiny", tokens=toks, max_tokens=12, temperature=0)
         assert got.tokens == ref.tokens
-        assert ref.stats["cached_tokens"] == 0
-        cached += got.stats["cached_tokens"] > 0
+        assert ref.stats.cached_tokens == 0
+        cached += got.stats.cached_tokens > 0
     assert cached >= 3  # repeated, extended and truncated prefixes were restored
     # a cached prefix is not reused under another adapter set (its namespace differs)
     client.load_adapter("tiny", "a", str(files["lora"]))
@@ -560,9 +568,9 @@ def test_prefix_cache_hits_give_the_uncached_output(client: Client,
         client.set_adapters("nocache", {"a": 1.0})
         got = client.generate("tiny", tokens=base, max_tokens=12, temperature=0)
         ref = client.generate("nocache", tokens=base, max_tokens=12, temperature=0)
-        assert got.stats["cached_tokens"] == 0 and got.tokens == ref.tokens
+        assert got.stats.cached_tokens == 0 and got.tokens == ref.tokens
         again = client.generate("tiny", tokens=base, max_tokens=12, temperature=0)
-        assert again.stats["cached_tokens"] > 0 and again.tokens == ref.tokens
+        assert again.stats.cached_tokens > 0 and again.tokens == ref.tokens
     finally:
         client.set_adapters("nocache", {})
         client.unload_adapter("nocache", "a")
@@ -574,7 +582,7 @@ def test_session_survives_a_worker_crash(fleet, files: dict[str, Path]) -> None:
               # eight slots, for eight concurrent streams
               "eight": {**OPTS, "n_seq_max": 8, "path": str(files["model"]),
                         "prefix_cache": False}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         turn1 = c.tokenize("tiny", LONG_PROMPT)
         r1 = c.generate("tiny", tokens=turn1, max_tokens=8, temperature=0, session="conv")
         assert r1.tokens == c.generate("nocache", tokens=turn1, max_tokens=8,
@@ -586,7 +594,7 @@ def test_session_survives_a_worker_crash(fleet, files: dict[str, Path]) -> None:
         wait_for(lambda: any(w["model"] == "tiny" and w["state"] == "ready"
                              and w["pid"] not in (None, pid) for w in sup.status()), timeout=20)
         r2 = c.generate("tiny", tokens=turn2, max_tokens=8, temperature=0, session="conv")
-        assert r2.stats["cached_tokens"] >= len(turn1)
+        assert r2.stats.cached_tokens >= len(turn1)
         assert r2.tokens == ref.tokens
 
 
@@ -683,7 +691,7 @@ def test_bad_requests_are_refused_and_the_worker_survives(client: Client,
     with pytest.raises(BadRequest):
         client.call("tiny", "apply_chat_template", {"messages": [{"content": "no role"}]})
     # the same process is still serving, with the same answers
-    assert client.ping("tiny")["pid"] == pid == worker_pid(sup, "tiny")
+    assert client.ping("tiny").pid == pid == worker_pid(sup, "tiny")
     assert greedy(client, "hello", 5).tokens == base
     w = next(w for w in client.status() if w["model"] == "tiny")
     assert w["state"] == "ready" and w["restarts"] == 0 and w["last_exit"] is None
@@ -708,7 +716,7 @@ def test_unloadable_model_files_fail_fast_with_the_reason(fleet, files: dict[str
         assert w["restarts"] == 0 and w["pid"] is None, w
         assert "load failed" in w["last_exit"] and why in w["last_exit"], w["last_exit"]
     sup.wait_ready(models=["good"], timeout=30)
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         assert len(c.generate("good", "hi", max_tokens=3, temperature=0).tokens) == 3
         with pytest.raises(WorkerFailed, match="not GGUF") as info:
             c.ping("junk")
@@ -718,7 +726,7 @@ def test_unloadable_model_files_fail_fast_with_the_reason(fleet, files: dict[str
 def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet,
                                                                   files: dict[str, Path]) -> None:
     sup = fleet({"long": {**LONG_OPTS, "path": str(files["long"])}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         before = c.generate("long", "abc", max_tokens=8, temperature=0)
         stream = c.stream("long", "abc", max_tokens=60_000, ignore_eos=True, temperature=0)
         for _ in range(3):
@@ -744,8 +752,8 @@ def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet,
 def test_shutdown_command_stops_the_fleet(fleet, files: dict[str, Path]) -> None:
     sup = fleet({"tiny": {**OPTS, "path": str(files["model"])}})
     pid = worker_pid(sup, "tiny")
-    with sup.client(timeout=30) as c:
-        assert c.ping("tiny")["pid"] == pid
+    with Client(sup.address, timeout=30) as c:
+        assert c.ping("tiny").pid == pid
         c.shutdown_fleet()
     wait_for(lambda: sup.status()[0]["state"] == "stopped", timeout=15)
     wait_for(lambda: not pid_alive(pid), timeout=5)

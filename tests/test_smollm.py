@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from client import Client
-from client.cli import default_model_path
-from runtime.config import ConfigError
+from llamafleet.client import Client
+from llamafleet.runtime.config import ConfigError, default_model_path
 from tests.conftest import make_config
 
 pytestmark = [pytest.mark.smollm, pytest.mark.llama]
@@ -30,12 +29,12 @@ except ConfigError as exc:
     pytest.skip(f"SmolLM2 is not installed: {exc}", allow_module_level=True)
 
 try:
-    from backends.llama import binding
+    from llamafleet.backends.llama import binding
     binding.lib()
 except Exception as exc:  # noqa: BLE001 - any failure means: no libllama here
     pytest.skip(f"libllama not available: {exc}", allow_module_level=True)
 
-from runtime.supervisor import Supervisor  # noqa: E402
+from llamafleet.runtime.supervisor import Supervisor  # noqa: E402
 
 N_THREADS = 2
 OPTS = {"backend": "llama", "path": str(MODEL_PATH), "n_ctx": 2048, "n_seq_max": 2,
@@ -60,7 +59,7 @@ def sup() -> Iterator[Supervisor]:
 
 @pytest.fixture(scope="module")
 def client(sup: Supervisor) -> Iterator[Client]:
-    with sup.client(timeout=60) as c:
+    with Client(sup.address, timeout=60) as c:
         yield c
 
 
@@ -77,9 +76,9 @@ def user(text: str) -> list[dict[str, str]]:
 
 def test_info(client: Client) -> None:
     info = client.info("smol")
-    assert info["backend"] == "llama" and info["architecture"] == "llama"
-    assert info["n_vocab"] == 49152 and info["n_ctx"] == 2048 and info["n_seq_max"] == 2
-    assert info["chat_template"] and "<|im_start|>" in info["chat_template"]
+    assert info.backend == "llama" and info.architecture == "llama"
+    assert info.n_vocab == 49152 and info.n_ctx == 2048 and info.n_seq_max == 2
+    assert info.chat_template and "<|im_start|>" in info.chat_template
 
 
 def test_greedy_chat_answers_two_plus_two_the_same_way_twice(client: Client) -> None:
@@ -198,3 +197,19 @@ def test_greedy_tokens_equal_llama_cpp(client: Client, model: str, flash_attn: b
                                       client.detokenize(model, ref["out"]))
     chat = client.chat(model, messages[1:], system=SYSTEM, max_tokens=n, temperature=0)
     assert chat.tokens == ref["out"]
+
+
+def test_default_model_samples_with_its_cards_settings(tmp_path: Path) -> None:
+    """`llamafleet chat` on the default model uses SmolLM2's recommended sampling
+    (temperature 0.2, top_p 0.9): at the old 0.8 it answered nonsense most runs."""
+    from llamafleet.runtime.config import DEFAULT_MODEL_SAMPLING, default_model_table
+    assert default_model_table()["sampling"] == DEFAULT_MODEL_SAMPLING
+    assert DEFAULT_MODEL_SAMPLING == {"temperature": 0.2, "top_p": 0.9}
+    answers = []
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-m", "llamafleet", "chat", "What is 2+2?",
+                               "--max-tokens", "32", "--n-ctx", "512"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers.append(proc.stdout)
+    assert all("4" in a for a in answers), answers

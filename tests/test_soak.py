@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
-from client import Client
-from runtime.errors import BadRequest, LlamafleetError, RequestTimeout
-from runtime.supervisor import Supervisor
+from llamafleet.client import Client
+from llamafleet.runtime.errors import BadRequest, LlamafleetError, RequestTimeout
+from llamafleet.runtime.supervisor import Supervisor
 from tests.conftest import make_config, pid_alive, worker_pid
 from tests.figures import merge_figures
 
@@ -89,7 +89,7 @@ class Samples:
         self.rss.append(rss_mb(pid))
         self.fds.append(fd_count(pid))
 
-    def after(self, t0: float) -> "Samples":
+    def after(self, t0: float) -> Samples:
         out = Samples()
         for t, r, f in zip(self.t, self.rss, self.fds):
             if t >= t0:
@@ -171,9 +171,9 @@ def _one(c: Client, op: str, rng: random.Random, seq: int) -> str | None:
         assert c.kv_unpack("m", seq, blob) == len(toks)
         c.seq_clear("m", seq)
     elif op == "ping":
-        assert c.ping("m")["pong"] is True
+        assert c.ping("m").pong is True
     elif op == "info":
-        assert c.info("m")["n_seq_max"] == N_SEQ
+        assert c.info("m").n_seq_max == N_SEQ
     else:
         raise AssertionError(op)
     return None
@@ -183,7 +183,7 @@ def _client_thread(sup: Supervisor, index: int, quota: int, tally: Tally,
                    shared: Client | None) -> None:
     rng = random.Random(1000 + index)
     ops, weights = zip(*MIX)
-    c = sup.client(timeout=CALL_TIMEOUT) if shared is None else shared
+    c = Client(sup.address, timeout=CALL_TIMEOUT) if shared is None else shared
     try:
         for _ in range(quota):
             op = rng.choices(ops, weights)[0]
@@ -222,12 +222,12 @@ def _fleet(backend: str) -> tuple[Supervisor, Path]:
     rd = Path(tempfile.mkdtemp(prefix="lfs-", dir="/tmp"))
     if backend == "llama":
         try:
-            from backends.llama import binding
+            from llamafleet.backends.llama import binding
             binding.lib()
         except Exception as exc:  # noqa: BLE001
             shutil.rmtree(rd, ignore_errors=True)
             pytest.skip(f"libllama not available: {exc}")
-        from tests.tiny_gguf import TinyModelSpec, write_tiny_model
+        from llamafleet.testing.tiny_gguf import TinyModelSpec, write_tiny_model
         model = write_tiny_model(rd / "tiny.gguf", TinyModelSpec())
         opts: dict[str, Any] = {**LLAMA_OPTS, "path": str(model)}
     else:
@@ -260,7 +260,7 @@ def run_soak(sup: Supervisor, backend: str, total: int) -> dict[str, Any]:
     sampler.sample()
     sampler.start()
 
-    shared = sup.client(timeout=CALL_TIMEOUT) if CLIENTS == "shared" else None
+    shared = Client(sup.address, timeout=CALL_TIMEOUT) if CLIENTS == "shared" else None
 
     def phase(n: int) -> None:
         per = [n // THREADS + (1 if i < n % THREADS else 0) for i in range(THREADS)]

@@ -1,7 +1,7 @@
-"""``python -m worker``: run one worker process (started by the supervisor)."""
+"""``python -m llamafleet.worker``: run one worker process (started by the supervisor)."""
 
 import sys
 
-from worker.server import main
+from llamafleet.worker.server import main
 
 sys.exit(main())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from runtime.sampling import SamplingParams
-from worker.textstream import TextStream
+from llamafleet.runtime.protocol import Completion, CompletionStats
+from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.worker.textstream import TextStream
 
 
 @dataclass
@@ -22,17 +22,18 @@ class GenerationStats:
     t_first_token: float | None = None
     t_end: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_wire(self) -> CompletionStats:
         end = self.t_end or time.perf_counter()
         ttft = (self.t_first_token - self.t_received) * 1e3 if self.t_first_token else None
         queued = (self.t_admitted - self.t_received) * 1e3 if self.t_admitted else None
         decode_s = end - self.t_first_token if self.t_first_token else 0.0
         tps = (self.generated_tokens - 1) / decode_s \
             if decode_s > 0 and self.generated_tokens > 1 else None
-        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "generated_tokens": self.generated_tokens, "queue_ms": queued,
-                "ttft_ms": ttft, "total_ms": (end - self.t_received) * 1e3,
-                "tokens_per_s": tps}
+        return CompletionStats(prompt_tokens=self.prompt_tokens,
+                               cached_tokens=self.cached_tokens,
+                               generated_tokens=self.generated_tokens, queue_ms=queued,
+                               ttft_ms=ttft, total_ms=(end - self.t_received) * 1e3,
+                               tokens_per_s=tps)
 
 
 class Generation:
@@ -44,7 +45,8 @@ class Generation:
 
     def __init__(self, *, peer: bytes, req_id: int, stream: bool, prompt_tokens: list[int],
                  params: SamplingParams, max_tokens: int, stop: list[str], ignore_eos: bool,
-                 seq: int | None, deadline: float | None, session: str | None) -> None:
+                 seq: int | None, deadline: float | None, session: str | None,
+                 model: str = "") -> None:
         self.peer = peer
         self.req_id = req_id
         self.stream = stream
@@ -71,7 +73,12 @@ class Generation:
         self.prompt_done = False
         #: finish reason to apply once the last token is evaluated into the KV
         self.finishing: str | None = None
-        self.extra: dict[str, Any] = {}
+        self.model = model
+        #: the prefix-cache tier the prompt was restored from
+        self.cache_tier: str | None = None
+        #: for a session: whether its KV was persisted, and why not
+        self.session_saved: bool | None = None
+        self.session_error: str | None = None
 
     @property
     def key(self) -> tuple[bytes, int]:
@@ -123,12 +130,11 @@ class Generation:
             self.stats.t_end = time.perf_counter()
         return self.text.finish()
 
-    def result(self) -> dict[str, Any]:
-        out = {"text": self.text.text, "tokens": list(self.tokens),
-               "finish_reason": self.finish_reason, "stop": self.text.stopped,
-               "seq": self.seq if self.explicit_seq else None,
-               "stats": self.stats.to_dict()}
-        if self.session is not None:
-            out["session"] = self.session
-        out.update(self.extra)
-        return out
+    def result(self) -> Completion:
+        """The final reply."""
+        return Completion(text=self.text.text, tokens=list(self.tokens),
+                          finish_reason=self.finish_reason or "", stop=self.text.stopped,
+                          seq=self.seq if self.explicit_seq else None,
+                          stats=self.stats.to_wire(), model=self.model, session=self.session,
+                          session_saved=self.session_saved, session_error=self.session_error,
+                          cache=self.cache_tier)

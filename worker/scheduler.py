@@ -19,29 +19,40 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from backends.base import Backend
-from runtime.errors import (BadRequest, Cancelled, InternalError, LlamafleetError, NotSupported,
-                            Overloaded, RequestTimeout)
-from worker.generation import Generation
+from llamafleet.backends.base import Backend
+from llamafleet.runtime.errors import (
+    BadRequest,
+    Cancelled,
+    InternalError,
+    LlamafleetError,
+    NotSupported,
+    Overloaded,
+    RequestTimeout,
+)
+from llamafleet.runtime.protocol import Completion, StreamChunk
+from llamafleet.worker.generation import Generation
+from llamafleet.worker.prefix_cache import CacheHit, common_prefix_tokens, tok_bytes
 
 log = logging.getLogger("llamafleet.worker.scheduler")
 
-Send = Callable[[bytes, int, str, Any], None]  # (peer, request id, kind, payload)
+#: what the scheduler sends a caller: a stream chunk, the final result or an error
+Outgoing = StreamChunk | Completion | LlamafleetError
+Send = Callable[[bytes, int, Outgoing], None]  # (peer, request id, message)
 Key = tuple[bytes, int]  # (client identity, request id)
 
 
 class KVCache(Protocol):
-    """What the scheduler needs of a prefix cache (see worker/prefix_cache.py)."""
+    """What the scheduler needs of a prefix cache (see ``prefix_cache.PrefixCache``)."""
 
     min_tokens: int
 
-    def lookup(self, namespace: str, tokens: Any) -> Any: ...
-    def session_entry(self, namespace: str, session: str) -> Any: ...
-    def insert(self, namespace: str, tokens: Any, blob: bytes, *, session: str | None = None,
-               durable: bool = False) -> None: ...
+    def lookup(self, namespace: str, tokens: Sequence[int]) -> CacheHit | None: ...
+    def session_entry(self, namespace: str, session: str) -> CacheHit | None: ...
+    def insert(self, namespace: str, tokens: Sequence[int], blob: bytes, *,
+               session: str | None = None, durable: bool = False) -> None: ...
     def stats(self) -> dict[str, int]: ...
 
 
@@ -119,10 +130,10 @@ class Scheduler:
         """Stop a queued or running generation; its caller gets ``cancelled``
         (unless ``notify`` is False: the caller is gone)."""
         req_id = key[1]
-        for g in self.queue:
-            if g.key == key:
-                self.queue.remove(g)
-                self._fail(g, Cancelled(f"request {req_id} was cancelled"), notify=notify)
+        for q in self.queue:
+            if q.key == key:
+                self.queue.remove(q)
+                self._fail(q, Cancelled(f"request {req_id} was cancelled"), notify=notify)
                 return True
         g = self.running.get(key)
         if g is None:
@@ -198,14 +209,16 @@ class Scheduler:
         if ns is None or self.cache is None:
             return
         prompt = g.prompt_tokens
-        hits = [self.cache.lookup(ns, prompt)]
+        found = [self.cache.lookup(ns, prompt)]
         if g.session is not None:
             entry = self.cache.session_entry(ns, g.session)
             if entry is not None:
-                common = _common_prefix(entry.tokens, prompt)
-                hits.append(type(entry)(tokens=entry.tokens, common=common, blob=entry.blob,
-                                        tier=entry.tier))
-        hits = [h for h in hits if h is not None and h.common >= max(1, self.cache.min_tokens)]
+                # the session's latest state, measured against this prompt
+                common = common_prefix_tokens(tok_bytes(entry.tokens), tok_bytes(prompt))
+                found.append(CacheHit(tokens=entry.tokens, common=common, blob=entry.blob,
+                                      tier=entry.tier))
+        least = max(1, self.cache.min_tokens)
+        hits = [h for h in found if h is not None and h.common >= least]
         if not hits:
             return
         hit = max(hits, key=lambda h: h.common)
@@ -220,7 +233,7 @@ class Scheduler:
             return
         g.pending = list(prompt[hit.common:])
         g.stats.cached_tokens = hit.common
-        g.extra["cache"] = hit.tier
+        g.cache_tier = hit.tier
 
     # -- the tick ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -264,7 +277,7 @@ class Scheduler:
                 else:
                     g.prompt_done = True
                     self._sample(g)
-            if g.done:
+            if g.finish_reason is not None:  # ended in this tick
                 self._finish(g)
         if self.stream_interval > 0:
             now = time.monotonic()
@@ -351,7 +364,7 @@ class Scheduler:
 
     def _flush(self, g: Generation, now: float) -> None:
         if g.out_text or g.out_tokens:
-            self._send(g.peer, g.req_id, "chunk", {"text": g.out_text, "tokens": g.out_tokens})
+            self._send(g.peer, g.req_id, StreamChunk(text=g.out_text, tokens=g.out_tokens))
             g.out_text, g.out_tokens = "", []
         g.last_flush = now
 
@@ -379,14 +392,14 @@ class Scheduler:
         self.running.pop(g.key, None)
         self._publish(g)
         self._release(g)
-        self._send(g.peer, g.req_id, "result", g.result())
+        self._send(g.peer, g.req_id, g.result())
 
     def _fail(self, g: Generation, err: LlamafleetError, notify: bool = True) -> None:
         g.end("error")
         if self.running.pop(g.key, None) is not None:
             self._release(g)
         if notify:
-            self._send(g.peer, g.req_id, "error", err)
+            self._send(g.peer, g.req_id, err)
 
     def _release(self, g: Generation) -> None:
         if g.seq is None:
@@ -403,8 +416,8 @@ class Scheduler:
         ns = self._namespace()
         if self.cache is None or ns is None:
             if g.session is not None:
-                g.extra["session_saved"] = False
-                g.extra["session_error"] = ("this model keeps no KV cache (prefix_cache is off "
+                g.session_saved = False
+                g.session_error = ("this model keeps no KV cache (prefix_cache is off "
                                             "or the backend cannot pack KV)")
             return
         tokens = self.backend.seq_tokens(g.seq)
@@ -420,16 +433,8 @@ class Scheduler:
         try:
             self.cache.insert(ns, tokens, blob, session=g.session, durable=g.session is not None)
             if g.session is not None:
-                g.extra["session_saved"] = True
+                g.session_saved = True
         except OSError as exc:
             log.warning("session %s not persisted: %s", g.session, exc)
-            g.extra["session_saved"] = False
-            g.extra["session_error"] = str(exc)
-
-
-def _common_prefix(a: Any, b: Any) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+            g.session_saved = False
+            g.session_error = str(exc)

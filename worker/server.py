@@ -18,17 +18,18 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from backends import Backend, get_backend
-from runtime import protocol
-from runtime.errors import BadRequest, InternalError, LlamafleetError, NotFound, ShuttingDown
-from runtime.sampling import SamplingParams
-from worker.generation import Generation
-from worker.scheduler import Scheduler
+from llamafleet.backends import Backend, get_backend
+from llamafleet.runtime import protocol
+from llamafleet.runtime.errors import BadRequest, InternalError, LlamafleetError, ShuttingDown
+from llamafleet.runtime.protocol import WorkerSpec
+from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
+from llamafleet.worker.prefix_cache import PrefixCache
+from llamafleet.worker.scheduler import Outgoing, Scheduler
 
 log = logging.getLogger("llamafleet.worker")
 
@@ -40,34 +41,6 @@ MAX_MESSAGES_PER_TURN = 64
 WATCH_INTERVAL = 0.05
 #: the main loop's longest wait when no work is queued (milliseconds)
 IDLE_WAIT_MS = 1000
-
-
-@dataclass
-class WorkerSpec:
-    """What the supervisor tells a worker (passed as JSON in the environment)."""
-
-    model: str
-    backend: str
-    options: dict[str, Any]
-    endpoint: str
-    events_endpoint: str
-    generation: int = 0
-    heartbeat_interval: float = 0.5
-    log_level: str = "info"
-    #: seconds the supervisor waits after SIGTERM before SIGKILL
-    shutdown_grace: float = 10.0
-    #: CURVE server certificate and authorized client keys (tcp:// endpoints)
-    curve_server_key: str | None = None
-    curve_authorized_clients: str | None = None
-    #: worker-level settings (queue, prefix cache), see runtime.config.WORKER_OPTIONS
-    worker_options: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, text: str) -> "WorkerSpec":
-        return cls(**json.loads(text))
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
 
 
 def _set_parent_death_signal() -> None:
@@ -86,7 +59,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.backend: Backend | None = None
         self.state = "loading"
         self.load_progress = 0.0
@@ -94,9 +67,10 @@ class Worker:
         self.error: str | None = None
         self.progress = 0          # completed units of work (for the progress watchdog)
         self.scheduler: Scheduler | None = None
-        self.cache: Any = None
+        self.cache: PrefixCache | None = None
+        self.default_sampling: dict[str, Any] = {}
         self._gone: set[tuple[bytes, int]] = set()  # requests whose client disconnected
-        self.n_seq_max = 1
+        self.n_seq_max = 0  # set at load
         self._draining = False
         self._sigterm_at: float | None = None
         self._parent = os.getppid()
@@ -120,7 +94,7 @@ class Worker:
         os.set_blocking(sig_w, False)
         signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
-        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        hb = threading.Thread(target=self._watch_loop, name="watcher", daemon=True)
         hb.start()
         try:
             self._load()
@@ -165,14 +139,14 @@ class Worker:
         except (BlockingIOError, OSError):
             pass  # a wake-up is already pending
 
-    # -- heartbeats ----------------------------------------------------------
-    def _heartbeat_loop(self) -> None:
+    # -- the watcher thread: heartbeats, parent death, signals, aborts ---------
+    def _watch_loop(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.IDENTITY, f"{self.spec.model}:{self.spec.generation}".encode())
         sock.connect(self.spec.events_endpoint)
-        sock.send(protocol.event("hello", model=self.spec.model, pid=os.getpid(),
-                                 generation=self.spec.generation))
+        sock.send(protocol.encode_event(protocol.Hello(
+            model=self.spec.model, pid=os.getpid(), generation=self.spec.generation)))
         interval = self.spec.heartbeat_interval
         next_beat = 0.0
         while True:
@@ -185,12 +159,12 @@ class Worker:
             if now >= next_beat or self._state_changed.is_set():
                 self._state_changed.clear()
                 next_beat = now + interval
-                sock.send(protocol.event(
-                    "heartbeat", model=self.spec.model, pid=os.getpid(),
+                sock.send(protocol.encode_event(protocol.Heartbeat(
+                    model=self.spec.model, pid=os.getpid(),
                     generation=self.spec.generation, state=self.state,
                     load_progress=self.load_progress, endpoint=self.endpoint,
                     error=self.error, progress=self.progress,
-                    inflight=self.scheduler.inflight() if self.scheduler else 0))
+                    inflight=self.scheduler.inflight() if self.scheduler else 0)))
             # Sleep until the next heartbeat unless something must be watched closely:
             # every wake-up takes a core from the decode threads. A signal (wakeup fd)
             # or a kick (state change, abort deadline armed) ends the sleep early.
@@ -238,33 +212,36 @@ class Worker:
         backend.load(progress)
         self.backend = backend
         self.n_seq_max = backend.info().n_seq_max
-        self.cache = self._make_cache()
+        # the model file's recommendation, then the configuration's; requests override
+        self.default_sampling = {**backend.default_sampling(), **self.spec.sampling}
+        SamplingParams.from_dict(self.default_sampling)  # a bad GGUF value fails the load
+        opts = self.spec.worker_options
+        self.cache = self._make_cache(opts)
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
-                                   max_queue=int(self.spec.worker_options.get("max_queue", 64)),
-                                   stream_interval=float(self.spec.worker_options.get(
-                                       "stream_interval_ms", 50)) / 1000,
+                                   max_queue=int(opts["max_queue"]),
+                                   stream_interval=float(opts["stream_interval_ms"]) / 1000,
                                    wake_watcher=self._kick)
         self.load_progress = 1.0
 
-    def _make_cache(self) -> Any:
-        opts = self.spec.worker_options
-        if not opts.get("prefix_cache", True):
+    @staticmethod
+    def _make_cache(opts: dict[str, Any]) -> PrefixCache | None:
+        if not opts["prefix_cache"]:
             return None
-        from worker.prefix_cache import PrefixCache
-        return PrefixCache(ram_bytes=int(opts.get("cache_ram_mb", 256)) << 20,
-                           disk_dir=opts.get("cache_dir"),
-                           disk_bytes=int(opts.get("cache_disk_mb", 2048)) << 20,
-                           min_tokens=int(opts.get("cache_min_tokens", 32)))
+        return PrefixCache(ram_bytes=int(opts["cache_ram_mb"]) << 20,
+                           disk_dir=opts["cache_dir"],
+                           disk_bytes=int(opts["cache_disk_mb"]) << 20,
+                           min_tokens=int(opts["cache_min_tokens"]))
 
-    def _send(self, peer: bytes, req_id: int, kind: str, payload: Any) -> None:
-        if kind == "chunk":
-            data = protocol.chunk(req_id, payload)
-        elif kind == "result":
-            data = protocol.result(req_id, payload)
+    def _send(self, peer: bytes, req_id: int, out: Outgoing) -> None:
+        """The scheduler's outbox: a stream chunk, the final result or an error."""
+        if isinstance(out, protocol.StreamChunk):
+            data = protocol.chunk(req_id, out)
+        elif isinstance(out, LlamafleetError):
+            data = protocol.error(req_id, out)
         else:
-            data = protocol.error(req_id, payload)
+            data = protocol.result(req_id, out)
         self.progress += 1
-        if not self._deliver(peer, data) and kind == "chunk":
+        if not self._deliver(peer, data) and isinstance(out, protocol.StreamChunk):
             self._gone.add((peer, req_id))  # nobody is listening: stop generating for it
 
     def _deliver(self, peer: bytes, data: bytes) -> bool:
@@ -293,7 +270,7 @@ class Worker:
         self._auth = None
         if endpoint.startswith("tcp://"):
             if self.spec.curve_server_key and self.spec.curve_authorized_clients:
-                from runtime import security
+                from llamafleet.runtime import security
                 self._auth = security.start_authenticator(self.ctx,
                                                           self.spec.curve_authorized_clients)
                 security.make_server(sock, security.load_keypair(self.spec.curve_server_key))
@@ -366,12 +343,12 @@ class Worker:
                 raise BadRequest(f"{cmd} is a supervisor command")
             if self._draining and cmd != "cancel":
                 raise ShuttingDown(f"worker {self.spec.model} is shutting down")
-            if cmd == "generate":
-                self._start_generation(peer, req_id, args)
-                return
-            value = self._dispatch(cmd, args, peer)
-            self.progress += 1
-            self._deliver(peer, protocol.result(req_id, value))
+            if cmd in SEQ_COMMANDS:
+                self.check_seq(args["seq"])
+            reply = HANDLERS[cmd](self, args, (peer, req_id))
+            if reply is not None:  # None: the scheduler answers (generate)
+                self.progress += 1
+                self._deliver(peer, protocol.result(req_id, reply))
         except LlamafleetError as exc:
             if req_id is None:
                 req_id = exc.data.pop("id", None)
@@ -382,104 +359,24 @@ class Worker:
             self._deliver(peer, protocol.error(req_id, err))
 
     # -- commands --------------------------------------------------------------
-    def _check_seq(self, seq: int) -> None:
+    def loaded(self) -> tuple[Backend, Scheduler]:
+        """The backend and scheduler (the worker serves only once both exist)."""
+        assert self.backend is not None and self.scheduler is not None
+        return self.backend, self.scheduler
+
+    def sampling(self, raw: dict[str, Any] | None) -> SamplingParams:
+        """A request's sampling over the model's defaults (the request wins)."""
+        return SamplingParams.from_dict({**self.default_sampling, **(raw or {})})
+
+    def check_seq(self, seq: int) -> None:
+        """Refuse a caller-managed sequence that is out of range or in use."""
         if seq >= self.n_seq_max:
             raise BadRequest(f"sequence {seq} out of range (n_seq_max={self.n_seq_max})")
         owner = self.scheduler.owner(seq) if self.scheduler else None
         if owner is not None:
             raise BadRequest(f"sequence {seq} is in use by running request {owner}")
 
-    def _dispatch(self, cmd: str, a: dict[str, Any], peer: bytes = b"") -> Any:
-        b = self.backend
-        assert b is not None
-        if cmd == "ping":
-            return {"pong": True, "model": self.spec.model, "pid": os.getpid(),
-                    "generation": self.spec.generation}
-        if cmd == "info":
-            info = b.info().to_dict()
-            info["model"] = self.spec.model
-            info["adapters"] = b.adapters()
-            if self.scheduler is not None:
-                info["scheduler"] = {"running": len(self.scheduler.running),
-                                     "queued": len(self.scheduler.queue),
-                                     "max_queue": self.scheduler.max_queue,
-                                     "ticks": self.scheduler.ticks,
-                                     "peak_running": self.scheduler.peak_running}
-            info["cache"] = self.cache.stats() if self.cache is not None else None
-            return info
-        if cmd == "tokenize":
-            return {"tokens": b.tokenize(a["text"], a["add_special"], a["parse_special"])}
-        if cmd == "detokenize":
-            return {"text": b.detokenize(a["tokens"], special=a["special"])}
-        if cmd == "cancel":
-            assert self.scheduler is not None
-            # a client can only cancel its own requests
-            return {"cancelled": self.scheduler.cancel((peer, a["target"]))}
-        if cmd in ("prefill", "decode", "kv_pack", "kv_unpack", "seq_clear",
-                   "set_sampling", "set_grammar"):
-            self._check_seq(a["seq"])
-        if cmd == "prefill":
-            if not a["tokens"]:
-                raise BadRequest("prefill: tokens must not be empty")
-            b.prefill(a["seq"], a["tokens"])
-            return {"n_tokens": b.seq_len(a["seq"])}
-        if cmd == "decode":
-            seq = a["seq"]
-            if a["sampling"] is not None:
-                b.set_sampling(seq, SamplingParams.from_dict(a["sampling"]))
-            token = b.sample(seq)
-            if token is None:
-                return {"token": None, "piece": "", "eog": True, "reason": "grammar",
-                        "n_tokens": b.seq_len(seq)}
-            eog = b.is_eog(token)
-            if not eog:
-                b.evaluate([(seq, [token])])
-            piece = b.token_to_piece(token, special=False)
-            return {"token": token, "piece": piece.decode("utf-8", errors="replace"),
-                    "bytes": piece, "eog": eog, "reason": "eog" if eog else None,
-                    "n_tokens": b.seq_len(seq)}
-        if cmd == "kv_pack":
-            data = b.kv_pack(a["seq"])
-            return {"data": data, "n_tokens": b.seq_len(a["seq"])}
-        if cmd == "kv_unpack":
-            return {"n_tokens": b.kv_unpack(a["seq"], bytes(a["data"]))}
-        if cmd == "seq_clear":
-            b.seq_clear(a["seq"])
-            return {}
-        if cmd == "set_sampling":
-            b.set_sampling(a["seq"], SamplingParams.from_dict(a["sampling"]))
-            return {}
-        if cmd == "set_grammar":
-            params = SamplingParams(temperature=0.0, grammar=a["grammar"],
-                                    json_schema=a["json_schema"])
-            params.validate()
-            b.set_sampling(a["seq"], params)
-            return {}
-        if cmd == "load_adapter":
-            if type(b).load_adapter is Backend.load_adapter:
-                b.load_adapter(a["name"], a["path"])  # raises NotSupported
-            if len(b.adapters()) >= protocol.MAX_ADAPTERS:
-                raise BadRequest(f"at most {protocol.MAX_ADAPTERS} adapters may be loaded")
-            return b.load_adapter(a["name"], self._confine(a["path"], "adapter_dirs"))
-        if cmd == "unload_adapter":
-            b.unload_adapter(a["name"])
-            return {}
-        if cmd == "set_adapters":
-            b.set_adapters({k: float(v) for k, v in a["scales"].items()})
-            return {"adapters": b.adapters()}
-        if cmd == "embed":
-            return {"embeddings": b.embed(a["texts"], normalize=a["normalize"])}
-        if cmd == "apply_chat_template":
-            messages = list(a["messages"])
-            if a["system"] is not None:
-                messages = [{"role": "system", "content": a["system"]}] + messages
-            prompt = b.apply_chat_template(messages,
-                                           add_generation_prompt=a["add_generation_prompt"],
-                                           enable_thinking=a["enable_thinking"])
-            return {"prompt": prompt}
-        raise NotFound(f"command {cmd!r} is not handled by workers")
-
-    def _confine(self, path: str, option: str) -> str:
+    def confine(self, path: str, option: str) -> str:
         """Resolve a client-supplied path; refuse it outside the configured directories."""
         dirs = [os.path.realpath(d) for d in self.spec.worker_options.get(option) or []]
         if not dirs:
@@ -494,48 +391,11 @@ class Worker:
                 return real
         raise BadRequest(f"path {path!r} is outside the allowed directories ({option})")
 
-    # -- generations ------------------------------------------------------------
-    def _start_generation(self, peer: bytes, req_id: int, a: dict[str, Any]) -> None:
-        b, sched = self.backend, self.scheduler
-        assert b is not None and sched is not None
-        if a["prompt"] is not None and a["tokens"] is not None:
-            raise BadRequest("generate: give either prompt or tokens, not both")
-        if a["seq"] is not None and a["session"] is not None:
-            raise BadRequest("generate: a session uses its own sequence; do not give seq")
-        if a["tokens"] is not None:
-            prompt_tokens = list(a["tokens"])
-            b.check_tokens(prompt_tokens)
-        else:
-            prompt_tokens = b.tokenize(a["prompt"], a["add_special"], a["parse_special"])
-        params = SamplingParams.from_dict(a["sampling"])
-        info = b.info()
-        in_use = 0
-        if a["seq"] is not None:
-            self._check_seq(a["seq"])
-            in_use = b.seq_len(a["seq"])
-            if not prompt_tokens and in_use == 0:
-                raise BadRequest(f"generate: sequence {a['seq']} is empty and no prompt was given")
-        elif not prompt_tokens:
-            raise BadRequest("generate: empty prompt")
-        if in_use + len(prompt_tokens) + 1 > info.n_ctx:
-            raise BadRequest(f"prompt of {len(prompt_tokens)} tokens does not fit the context "
-                             f"({info.n_ctx} tokens, {in_use} in use)",
-                             data={"n_ctx": info.n_ctx, "prompt_tokens": len(prompt_tokens)})
-        deadline = None
-        if a["deadline_ms"] is not None:
-            deadline = time.monotonic() + a["deadline_ms"] / 1000
-        g = Generation(peer=peer, req_id=req_id, stream=a["stream"], prompt_tokens=prompt_tokens,
-                       params=params,
-                       max_tokens=min(a["max_tokens"], info.n_ctx - in_use - len(prompt_tokens)),
-                       stop=a["stop"], ignore_eos=a["ignore_eos"], seq=a["seq"],
-                       deadline=deadline, session=a["session"])
-        sched.submit(g)
-
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m worker``; the spec comes in $LLAMAFLEET_WORKER_SPEC."""
+    """Entry point of ``python -m llamafleet.worker``; the spec comes in $LLAMAFLEET_WORKER_SPEC."""
     faulthandler.enable()  # a native crash prints a traceback the supervisor keeps
-    spec = WorkerSpec.from_json(os.environ["LLAMAFLEET_WORKER_SPEC"])
+    spec = WorkerSpec.from_wire(json.loads(os.environ["LLAMAFLEET_WORKER_SPEC"]))
     logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s worker[{spec.model}] %(levelname)s %(message)s",
                         stream=sys.stderr)

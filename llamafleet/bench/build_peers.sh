@@ -4,9 +4,9 @@
 # kernels as our libllama. Output: $LLAMAFLEET_PEERS_DIR (default
 # ~/.cache/llamafleet/peers)/bin/{llama-bench,llama-batched-bench,llama-server}.
 #
-#   bash bench/build_peers.sh            # download the sdist with pip, build
-#   SDIST=/tmp/dl/llama_cpp_python-0.3.36.tar.gz bash bench/build_peers.sh
-#   JOBS=2 bash bench/build_peers.sh
+#   bash llamafleet/bench/build_peers.sh            # download the sdist with pip, build
+#   SDIST=/tmp/dl/llama_cpp_python-0.3.36.tar.gz bash llamafleet/bench/build_peers.sh
+#   JOBS=2 bash llamafleet/bench/build_peers.sh
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"

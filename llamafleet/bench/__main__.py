@@ -1,0 +1,5 @@
+import sys
+
+from llamafleet.bench.run import main
+
+sys.exit(main())

@@ -13,17 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from client import AsyncClient, Client
-from runtime.errors import (RequestTimeout, ShuttingDown, Unavailable, WorkerCrashed,
-                            WorkerFailed)
-from tests.conftest import ROOT, kill, pid_alive, wait_for, worker_pid
+from llamafleet.client import AsyncClient, Client
+from llamafleet.runtime.errors import (
+    AlreadyRunning,
+    RequestTimeout,
+    ShuttingDown,
+    Unavailable,
+    WorkerCrashed,
+    WorkerFailed,
+)
+from tests.conftest import kill, pid_alive, wait_for, worker_pid
 
 SLOW = {"backend": "fake", "token_delay": 0.02, "n_seq_max": 4}
 
 
 def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet) -> None:
     sup = fleet({"slow": SLOW})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         before = c.generate("slow", "abc", max_tokens=5, temperature=0)
         stream = c.stream("slow", "abc", max_tokens=60_000, ignore_eos=True, temperature=0)
         for _ in range(3):
@@ -47,7 +53,7 @@ def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet) -> Non
 def test_every_call_in_flight_ends_with_worker_crashed(fleet) -> None:
     sup = fleet({"slow": SLOW})
     results: list[BaseException | None] = []
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         c.ping("slow")
 
         def call() -> None:
@@ -110,7 +116,7 @@ def test_crash_loop_ends_failed_while_other_model_serves(fleet) -> None:
     assert "SIGSEGV" in crashy["last_exit"]
     assert "Fatal Python error: Segmentation fault" in crashy["last_exit"]
     sup.wait_ready(models=["good"], timeout=30)
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         assert c.generate("good", "hi", max_tokens=3).tokens
         with pytest.raises(WorkerFailed, match="SIGSEGV") as info:
             c.ping("crashy")
@@ -129,7 +135,7 @@ def test_unloadable_model_fails_fast_with_the_reason(fleet, tmp_path: Path) -> N
 
 def test_wedged_worker_is_killed_by_heartbeat_timeout(fleet) -> None:
     sup = fleet({"slow": SLOW})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         pid = worker_pid(sup, "slow")
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
@@ -143,7 +149,7 @@ def test_wedged_worker_is_killed_by_heartbeat_timeout(fleet) -> None:
 
 def test_timeout_cancels_the_request_on_the_worker(fleet) -> None:
     sup = fleet({"slow": {**SLOW, "n_seq_max": 1}})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         with pytest.raises(RequestTimeout):
             c.generate("slow", "x", max_tokens=60_000, ignore_eos=True, timeout=0.3)
         # the only sequence was freed by the cancel
@@ -152,18 +158,18 @@ def test_timeout_cancels_the_request_on_the_worker(fleet) -> None:
 
 def test_lookup_waits_for_a_restarting_worker(fleet) -> None:
     sup = fleet({"slow": {**SLOW, "load_delay": 0.5}}, restart_backoff_initial=0.3)
-    with sup.client(timeout=30, connect_timeout=10) as c:
+    with Client(sup.address, timeout=30, connect_timeout=10) as c:
         c.ping("slow")
         kill(worker_pid(sup, "slow"))
         wait_for(lambda: c.status()[0]["state"] == "restarting", timeout=5)
         with pytest.raises(Unavailable):
             c.lookup("slow")
-        assert c.ping("slow")["pong"]  # waited for readiness
+        assert c.ping("slow").pong  # waited for readiness
 
 
 def test_graceful_stop_lets_inflight_requests_finish(fleet) -> None:
     sup = fleet({"slow": SLOW})
-    with sup.client(timeout=30) as c:
+    with Client(sup.address, timeout=30) as c:
         stream = c.stream("slow", "abc", max_tokens=40, ignore_eos=True, temperature=0)
         next(stream)
         stopper = threading.Thread(target=sup.stop)
@@ -179,8 +185,8 @@ def test_graceful_stop_lets_inflight_requests_finish(fleet) -> None:
 
 
 def _serve(config: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--config",
+    env = dict(os.environ)
+    return subprocess.Popen([sys.executable, "-m", "llamafleet", "serve", "--config",
                              str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
@@ -205,8 +211,8 @@ seed = 3
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], env=env, text=True,
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "llamafleet", *args], env=env, text=True,
                           capture_output=True, timeout=60)
 
 
@@ -245,7 +251,7 @@ def test_serve_cli_status_generate_and_sigterm(short_dir: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         for pid in pids:
-            wait_for(lambda: not pid_alive(pid), timeout=5)
+            wait_for(lambda pid=pid: not pid_alive(pid), timeout=5)
         assert not list((short_dir / "rt").glob("*.sock"))
     finally:
         if proc.poll() is None:
@@ -265,7 +271,7 @@ def test_workers_exit_when_the_supervisor_is_killed_and_restart_is_clean(short_d
         proc.kill()
         proc.wait()
         for pid in pids:
-            wait_for(lambda: not pid_alive(pid), timeout=5)
+            wait_for(lambda pid=pid: not pid_alive(pid), timeout=5)
         assert (short_dir / "rt" / "supervisor.sock").exists()  # stale socket left behind
         proc = _serve(cfg)
         proc.stdout.readline()
@@ -282,10 +288,10 @@ def test_workers_exit_when_the_supervisor_is_killed_and_restart_is_clean(short_d
 
 
 def test_a_second_supervisor_on_the_same_directory_is_refused(fleet, short_dir) -> None:
-    from runtime.supervisor import Supervisor
+    from llamafleet.runtime.supervisor import Supervisor
     from tests.conftest import make_config
     fleet({"tiny": {"backend": "fake"}})
-    with pytest.raises(RuntimeError, match="another supervisor"):
+    with pytest.raises(AlreadyRunning, match="another supervisor"):
         Supervisor(make_config(short_dir, {"tiny": {"backend": "fake"}})).start()
 
 
@@ -322,3 +328,102 @@ def test_an_idle_fleet_sleeps_and_still_stops_at_once(fleet) -> None:
     sup.stop()
     assert time.monotonic() - t0 < 0.8
     assert sup.status()[0]["state"] == "stopped" and not pid_alive(pid)
+
+
+def _control(sup):
+    """A raw DEALER on the supervisor's control socket, and a call helper."""
+    import zmq
+
+    from llamafleet.runtime import protocol
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(sup.address)
+
+    def recv(timeout_ms: int = 5000) -> dict:
+        assert s.poll(timeout_ms), "no reply from the supervisor"
+        return protocol.unpack(s.recv())
+
+    return ctx, s, recv
+
+
+def test_the_registry_follows_the_worker_and_answers_lookups(fleet) -> None:
+    from llamafleet.runtime import protocol
+    sup = fleet({"slow": {**SLOW, "load_delay": 0.3}})
+    first = sup.registry.endpoints("slow")
+    assert [e.generation for e in first] == [1]
+    assert first[0].endpoint == sup.status()[0]["endpoint"]
+    ctx, s, recv = _control(sup)
+    try:
+        s.send(protocol.request(1, "lookup", {"model": "slow"}))
+        reply = recv()
+        assert reply["kind"] == "result" and reply["result"]["generation"] == 1
+        # the caller saw generation 1 die: it waits for generation 2
+        s.send(protocol.request(2, "lookup", {"model": "slow", "wait_ms": 20_000,
+                                              "after_generation": 1}))
+        assert not s.poll(200)  # generation 1 is still there: no answer yet
+        kill(worker_pid(sup, "slow"))
+        reply = recv(20_000)
+        assert reply["id"] == 2 and reply["result"]["generation"] == 2
+        assert [e.generation for e in sup.registry.endpoints("slow")] == [2]
+        # a wait that ends before the model is ready is answered unavailable
+        kill(worker_pid(sup, "slow"))
+        wait_for(lambda: sup.registry.endpoints("slow") == [], timeout=5)
+        s.send(protocol.request(3, "lookup", {"model": "slow", "wait_ms": 1,
+                                              "after_generation": 99}))
+        reply = recv()
+        assert reply["kind"] == "error" and reply["error"]["code"] == "unavailable"
+        assert reply["error"]["data"]["model"] == "slow"
+    finally:
+        s.close()
+        ctx.term()
+
+
+def test_shutdown_answers_every_queued_request(fleet) -> None:
+    from llamafleet.runtime import protocol
+    sup = fleet({"m": {"backend": "fake", "n_batch": 8192, "n_ctx": 8192,
+                       "token_delay": 30}}, shutdown_grace=3.0)
+    ctx, s, recv = _control(sup)
+    errors: list[BaseException | None] = []
+    try:
+        with Client(sup.address, timeout=30) as c:
+            c.ping("m")
+            t = threading.Thread(target=lambda: errors.append(_catch(
+                lambda: c.generate("m", "p" * 1000, max_tokens=1))))
+            t.start()
+            wait_for(lambda: c.status()[0]["inflight"] == 1, timeout=5)
+            s.send(protocol.request(0, "lookup", {"model": "m", "wait_ms": 60_000,
+                                                  "after_generation": 1}))
+            stopper = threading.Thread(target=sup.stop)
+            stopper.start()
+            wait_for(lambda: sup._shutting_down, timeout=5)
+            assert recv()["error"]["code"] == "shutting_down"  # the waiter
+            # a burst queued while the workers drain: every one is answered at once
+            n = 200
+            for i in range(1, n + 1):
+                s.send(protocol.request(i, "lookup" if i % 2 else "status",
+                                        {"model": "m"} if i % 2 else {}))
+            t0 = time.monotonic()
+            replies = [recv() for _ in range(n)]
+            assert time.monotonic() - t0 < 1.5
+            assert {r["id"] for r in replies} == set(range(1, n + 1))
+            for r in replies:
+                if r["id"] % 2:
+                    assert r["error"]["code"] == "shutting_down"
+                else:
+                    assert r["kind"] == "result" and r["result"]["workers"]
+            stopper.join(10)
+            t.join(10)
+    finally:
+        s.close()
+        ctx.term()
+    assert isinstance(errors[0], ShuttingDown)
+    assert sup.status()[0]["state"] == "stopped"
+
+
+def _catch(fn) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the assertion
+        return exc
+    return None

@@ -1,0 +1,151 @@
+"""The naming service: which endpoints serve a model, and the lookups waiting for one.
+
+The supervisor :meth:`~Registry.register`\\ s a worker's endpoint when it becomes
+ready and :meth:`~Registry.unregister`\\ s it when it exits; the control socket's
+``lookup`` is answered by :meth:`~Registry.lookup`. A model maps to a list of
+endpoints (one worker per model today; replicas and other hosts will add more).
+
+A lookup with ``wait_ms`` waits until the model is ready (with a generation newer
+than ``after_generation``: the caller saw that one die). Waiters time out with
+Unavailable, get WorkerFailed when the model fails and ShuttingDown on shutdown.
+
+No sockets here: the methods that end waits return ``(waiter, answer)`` pairs and
+the caller delivers them; each waiter carries an opaque ``token`` saying to whom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from llamafleet.runtime.errors import LlamafleetError, NotFound, ShuttingDown, Unavailable, WorkerFailed
+from llamafleet.runtime.protocol import WorkerEndpoint
+
+#: what a waiter is finally told: where the model is, or why not
+Answer = WorkerEndpoint | LlamafleetError
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A lookup waiting for its model to be ready."""
+
+    #: who to answer (the supervisor's peer identity and request id); opaque here
+    token: Any
+    model: str
+    #: monotonic time at which it is answered Unavailable
+    deadline: float
+    after_generation: int = 0
+
+
+def _default_describe(model: str) -> dict[str, Any]:
+    return {"model": model, "state": "unavailable"}
+
+
+class Registry:
+    """Model name -> the endpoints that serve it, plus the lookups waiting on them.
+
+    ``describe(model)`` gives the error data of a model that is not ready (its
+    ``state``, restarts, last exit...); the supervisor passes its workers' view."""
+
+    def __init__(self, models: Iterable[str],
+                 describe: Callable[[str], dict[str, Any]] | None = None) -> None:
+        self._endpoints: dict[str, list[WorkerEndpoint]] = {m: [] for m in models}
+        self._failed: dict[str, WorkerFailed] = {}
+        self._waiters: list[Waiter] = []
+        self._describe = describe or _default_describe
+        self.closed = False
+
+    # -- queries ---------------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        """The names this registry knows, in configuration order."""
+        return list(self._endpoints)
+
+    def endpoints(self, model: str) -> list[WorkerEndpoint]:
+        """The endpoints serving ``model`` now (a copy; empty when none is ready)."""
+        return list(self._endpoints.get(model, ()))
+
+    def waiters(self, model: str | None = None) -> list[Waiter]:
+        """The waiting lookups (of ``model``, or all)."""
+        return [w for w in self._waiters if model is None or w.model == model]
+
+    def next_deadline(self) -> float | None:
+        """The earliest waiter deadline, or None when nobody waits."""
+        return min((w.deadline for w in self._waiters), default=None)
+
+    # -- lookups ---------------------------------------------------------------------
+    def lookup(self, model: str, token: Any, now: float, wait_ms: int = 0,
+               after_generation: int = 0) -> WorkerEndpoint | None:
+        """An endpoint of ``model`` newer than ``after_generation``; None when the
+        lookup now waits (``wait_ms`` > 0; answered later through ``token``).
+
+        Raises ShuttingDown, NotFound, WorkerFailed or (not waiting) Unavailable."""
+        if self.closed:
+            raise ShuttingDown("the supervisor is shutting down")
+        if model not in self._endpoints:
+            raise NotFound(f"no model named {model!r} (known: {', '.join(self._endpoints)})")
+        found = self._newer(model, after_generation)
+        if found is not None:
+            return found
+        if model in self._failed:
+            err = self._failed[model]
+            raise WorkerFailed(err.message, data=dict(err.data), retryable=err.retryable)
+        if wait_ms > 0:
+            self._waiters.append(Waiter(token, model, now + wait_ms / 1000, after_generation))
+            return None
+        raise self._unavailable(model)
+
+    def _newer(self, model: str, after_generation: int) -> WorkerEndpoint | None:
+        return next((e for e in self._endpoints[model] if e.generation > after_generation),
+                    None)
+
+    def _unavailable(self, model: str) -> Unavailable:
+        data = self._describe(model)
+        return Unavailable(f"model {model} is {data.get('state', 'unavailable')}", data=data)
+
+    # -- changes -----------------------------------------------------------------------
+    def register(self, endpoint: WorkerEndpoint) -> list[tuple[Waiter, Answer]]:
+        """Publish a ready worker; returns the waiters it answers.
+
+        It replaces an entry of the same model at the same address (a restarted
+        worker binds where its predecessor did)."""
+        model = endpoint.model
+        if model not in self._endpoints:
+            raise NotFound(f"no model named {model!r}")
+        self._failed.pop(model, None)
+        eps = [e for e in self._endpoints[model] if e.endpoint != endpoint.endpoint]
+        self._endpoints[model] = [*eps, endpoint]
+        return self._release(lambda w: w.model == model
+                             and w.after_generation < endpoint.generation,
+                             lambda w: endpoint)
+
+    def unregister(self, model: str, generation: int | None = None) -> None:
+        """Withdraw ``model``'s endpoints of ``generation`` (default: all of them)."""
+        if model in self._endpoints:
+            self._endpoints[model] = [e for e in self._endpoints[model]
+                                      if generation is not None and e.generation != generation]
+
+    def fail(self, model: str, error: WorkerFailed) -> list[tuple[Waiter, Answer]]:
+        """Mark ``model`` failed: its waiters and later lookups get ``error``."""
+        self._failed[model] = error
+        self._endpoints[model] = []
+        return self._release(lambda w: w.model == model, lambda w: error)
+
+    def expire(self, now: float) -> list[tuple[Waiter, Answer]]:
+        """End the waits whose deadline has come, with Unavailable."""
+        return self._release(lambda w: now >= w.deadline,
+                             lambda w: self._unavailable(w.model))
+
+    def shutdown(self) -> list[tuple[Waiter, Answer]]:
+        """Refuse lookups from now on; every waiter gets ShuttingDown."""
+        self.closed = True
+        return self._release(lambda w: True,
+                             lambda w: ShuttingDown("the supervisor is shutting down"))
+
+    def _release(self, which: Callable[[Waiter], bool],
+                 answer: Callable[[Waiter], Answer]) -> list[tuple[Waiter, Answer]]:
+        done = [w for w in self._waiters if which(w)]
+        if done:
+            self._waiters = [w for w in self._waiters if not which(w)]
+        return [(w, answer(w)) for w in done]

@@ -7,17 +7,30 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from worker.prefix_cache import CacheHit, PrefixCache, common_prefix_tokens, _tok_bytes
+from llamafleet.worker.cache_file import file_key
+from llamafleet.worker.prefix_cache import CacheHit, PrefixCache, common_prefix_tokens, tok_bytes
 
 NS = "model-a|adapters:"
+#: the constructor's arguments are required (the worker passes its configuration)
+Caches = Callable[..., PrefixCache]
+DEFAULTS: dict[str, Any] = {"ram_bytes": 256 << 20, "disk_dir": None, "disk_bytes": 2 << 30,
+                            "min_tokens": 4}
 
 
 def toks(n: int, start: int = 0) -> list[int]:
     return list(range(start, start + n))
+
+
+def got(hit: CacheHit | None) -> CacheHit:
+    """A lookup that must hit."""
+    assert hit is not None
+    return hit
 
 
 def kv_files(d: Path) -> list[Path]:
@@ -25,12 +38,11 @@ def kv_files(d: Path) -> list[Path]:
 
 
 @pytest.fixture
-def caches():
+def caches() -> Iterator[Callable[..., PrefixCache]]:
     made: list[PrefixCache] = []
 
-    def make(**kw) -> PrefixCache:
-        kw.setdefault("min_tokens", 4)
-        c = PrefixCache(**kw)
+    def make(**kw: Any) -> PrefixCache:
+        c = PrefixCache(**{**DEFAULTS, **kw})
         made.append(c)
         return c
 
@@ -49,10 +61,10 @@ def test_common_prefix_tokens() -> None:
         want = 0
         while want < min(len(a), len(b)) and a[want] == b[want]:
             want += 1
-        assert common_prefix_tokens(_tok_bytes(a), _tok_bytes(b)) == want
+        assert common_prefix_tokens(tok_bytes(a), tok_bytes(b)) == want
 
 
-def test_longest_prefix_and_min_tokens(caches) -> None:
+def test_longest_prefix_and_min_tokens(caches: Caches) -> None:
     c = caches(min_tokens=4)
     base = toks(50)
     c.insert(NS, base[:10], b"ten")
@@ -65,7 +77,7 @@ def test_longest_prefix_and_min_tokens(caches) -> None:
     assert hit is not None and hit.common == 25 and hit.tokens in (tuple(base[:30]),
                                                                     tuple(base[:20] + [999] * 10))
     # ties prefer the shorter entry
-    assert c.lookup(NS, base[:8] + [7]).blob == b"ten"
+    assert got(c.lookup(NS, base[:8] + [7])).blob == b"ten"
     # below min_tokens: miss
     assert c.lookup(NS, base[:3]) is None
     assert c.lookup(NS, base[:3] + [1000] * 10) is None
@@ -75,24 +87,24 @@ def test_longest_prefix_and_min_tokens(caches) -> None:
     assert s["hits_ram"] == 3 and s["misses"] == 3
 
 
-def test_namespace_isolation(caches) -> None:
+def test_namespace_isolation(caches: Caches) -> None:
     c = caches()
     c.insert("m|a", toks(10), b"A")
     c.insert("m|b", toks(10), b"B")
-    assert c.lookup("m|a", toks(12)).blob == b"A"
-    assert c.lookup("m|b", toks(12)).blob == b"B"
+    assert got(c.lookup("m|a", toks(12))).blob == b"A"
+    assert got(c.lookup("m|b", toks(12))).blob == b"B"
     assert c.lookup("m|c", toks(12)) is None
 
 
-def test_refresh_replaces_blob(caches) -> None:
+def test_refresh_replaces_blob(caches: Caches) -> None:
     c = caches()
     c.insert(NS, toks(10), b"old")
     c.insert(NS, toks(10), b"new!")
-    assert c.lookup(NS, toks(10)).blob == b"new!"
+    assert got(c.lookup(NS, toks(10))).blob == b"new!"
     assert c.stats()["ram_entries"] == 1 and c.stats()["ram_bytes"] == 4
 
 
-def test_ram_lru_by_bytes(caches) -> None:
+def test_ram_lru_by_bytes(caches: Caches) -> None:
     c = caches(ram_bytes=300)
     for i in range(3):
         c.insert(NS, toks(10, 100 * i), bytes(100))
@@ -108,7 +120,7 @@ def test_ram_lru_by_bytes(caches) -> None:
     assert c.stats()["ram_bytes"] == 300
 
 
-def test_disk_round_trip(caches, tmp_path: Path) -> None:
+def test_disk_round_trip(caches: Caches, tmp_path: Path) -> None:
     d = tmp_path / "pc"
     c = caches(disk_dir=d)
     blob = os.urandom(5000)
@@ -124,56 +136,57 @@ def test_disk_round_trip(caches, tmp_path: Path) -> None:
     hit = c2.lookup(NS, toks(60))
     assert hit == CacheHit(tuple(toks(40)), 40, blob, "disk")
     assert c2.stats()["hits_disk"] == 1 and c2.stats()["ram_entries"] == 1  # promoted
-    assert c2.lookup(NS, toks(60)).tier == "ram"
+    assert got(c2.lookup(NS, toks(60))).tier == "ram"
     sess = c2.session_entry(NS, "chat-1")
     assert sess is not None and sess.tokens == tuple(toks(40)) and sess.blob == blob
     assert c2.session_entry("other-ns", "chat-1") is None
     assert c2.session_entry(NS, "nope") is None
 
 
-def test_startup_reads_only_headers(caches, tmp_path: Path, monkeypatch) -> None:
+def test_startup_reads_only_headers(caches: Caches, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     c = caches(disk_dir=tmp_path)
     c.insert(NS, toks(10), bytes(1 << 20), durable=True)
     reads: list[int] = []
     real_open = open
 
     class Spy:
-        def __init__(self, f):
+        def __init__(self, f: Any) -> None:
             self.f = f
 
-        def __enter__(self):
+        def __enter__(self) -> Spy:
             return self
 
-        def __exit__(self, *a):
+        def __exit__(self, *a: object) -> None:
             self.f.close()
 
-        def read(self, n=-1):
+        def read(self, n: int = -1) -> bytes:
             reads.append(n)
             return self.f.read(n)
 
-        def fileno(self):
+        def fileno(self) -> int:
             return self.f.fileno()
 
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: Spy(real_open(p, *a, **k)))
-    c2 = PrefixCache(disk_dir=tmp_path, min_tokens=4)
+    c2 = PrefixCache(**{**DEFAULTS, "disk_dir": tmp_path})
     monkeypatch.undo()
     c2.close()
     assert c2.stats()["disk_entries"] == 1
     assert reads and all(0 <= n < 4096 for n in reads)
 
 
-def test_session_pinning_and_latest(caches, tmp_path: Path) -> None:
+def test_session_pinning_and_latest(caches: Caches, tmp_path: Path) -> None:
     c = caches(disk_dir=tmp_path)
     c.insert(NS, toks(10), b"t1", session="s")
     c.insert(NS, toks(20), b"t2", session="s")
     c.insert(NS, toks(10), b"t1", session="s")  # back to an earlier state: must be rewritten
-    assert c.session_entry(NS, "s").blob == b"t1"
+    assert got(c.session_entry(NS, "s")).blob == b"t1"
     c.close()
     c2 = caches(disk_dir=tmp_path)
-    assert c2.session_entry(NS, "s").tokens == tuple(toks(10))
+    assert got(c2.session_entry(NS, "s")).tokens == tuple(toks(10))
 
 
-def test_durable_insert_is_on_disk_when_it_returns(caches, tmp_path: Path) -> None:
+def test_durable_insert_is_on_disk_when_it_returns(caches: Caches, tmp_path: Path) -> None:
     c = caches(disk_dir=tmp_path)
     c.insert(NS, toks(12), b"durable-blob", session="s1", durable=True)
     assert len(kv_files(tmp_path)) == 1
@@ -183,18 +196,17 @@ def test_durable_insert_is_on_disk_when_it_returns(caches, tmp_path: Path) -> No
     assert hit is not None and hit.blob == b"durable-blob" and hit.tier == "disk"
 
 
-def _two_on_disk(caches, d: Path) -> tuple[Path, Path]:
+def _two_on_disk(caches: Caches, d: Path) -> tuple[Path, Path]:
     c = caches(disk_dir=d)
     c.insert(NS, toks(30), b"long-entry-blob" * 10, durable=True)
     c.insert(NS, toks(10), b"short-entry-blob", durable=True)
     c.close()
-    from worker.prefix_cache import _key
-    return (d / (_key(NS, _tok_bytes(toks(30))) + ".kv"),
-            d / (_key(NS, _tok_bytes(toks(10))) + ".kv"))
+    return (d / (file_key(NS, tok_bytes(toks(30))) + ".kv"),
+            d / (file_key(NS, tok_bytes(toks(10))) + ".kv"))
 
 
 @pytest.mark.parametrize("damage", ["flip_blob", "truncate", "flip_digest"])
-def test_corrupt_file_detected_on_lookup(caches, tmp_path: Path, damage: str) -> None:
+def test_corrupt_file_detected_on_lookup(caches: Caches, tmp_path: Path, damage: str) -> None:
     long_p, short_p = _two_on_disk(caches, tmp_path)
     data = bytearray(long_p.read_bytes())
     if damage == "flip_blob":
@@ -217,7 +229,7 @@ def test_corrupt_file_detected_on_lookup(caches, tmp_path: Path, damage: str) ->
     assert c2.lookup(NS, toks(40)) is None
 
 
-def test_garbage_and_truncated_headers_at_startup(caches, tmp_path: Path) -> None:
+def test_garbage_and_truncated_headers_at_startup(caches: Caches, tmp_path: Path) -> None:
     long_p, short_p = _two_on_disk(caches, tmp_path)
     long_p.write_bytes(b"LFPC\x01\x00\x00\x00\x10" + os.urandom(100))  # garbage header
     short_p.write_bytes(short_p.read_bytes()[:-5])  # truncated
@@ -227,10 +239,10 @@ def test_garbage_and_truncated_headers_at_startup(caches, tmp_path: Path) -> Non
     assert s["corrupt_files"] == 3 and s["disk_entries"] == 0
     assert c.lookup(NS, toks(40)) is None
     c.insert(NS, toks(10), b"fresh", durable=True)
-    assert caches(disk_dir=tmp_path).lookup(NS, toks(40)).blob == b"fresh"
+    assert got(caches(disk_dir=tmp_path).lookup(NS, toks(40))).blob == b"fresh"
 
 
-def test_temp_files_ignored_and_cleaned(caches, tmp_path: Path) -> None:
+def test_temp_files_ignored_and_cleaned(caches: Caches, tmp_path: Path) -> None:
     _two_on_disk(caches, tmp_path)
     fresh = tmp_path / ".tmp-123-abc"
     old = tmp_path / ".tmp-123-def"
@@ -243,7 +255,7 @@ def test_temp_files_ignored_and_cleaned(caches, tmp_path: Path) -> None:
     assert fresh.exists() and not old.exists()
 
 
-def test_disk_budget_keeps_session_entries(caches, tmp_path: Path) -> None:
+def test_disk_budget_keeps_session_entries(caches: Caches, tmp_path: Path) -> None:
     c = caches(disk_dir=tmp_path, disk_bytes=5000, ram_bytes=0)
     c.insert(NS, toks(10, 0), bytes(2000), session="keep", durable=True)
     for i in range(1, 6):
@@ -260,36 +272,35 @@ def test_disk_budget_keeps_session_entries(caches, tmp_path: Path) -> None:
     assert c2.session_entry(NS, "x") is not None
 
 
-def test_disk_lru_at_startup_uses_mtime(caches, tmp_path: Path) -> None:
+def test_disk_lru_at_startup_uses_mtime(caches: Caches, tmp_path: Path) -> None:
     c = caches(disk_dir=tmp_path)
     c.insert(NS, toks(10, 0), bytes(1000), durable=True)
     c.insert(NS, toks(10, 100), bytes(1000), durable=True)
     c.close()
-    from worker.prefix_cache import _key
-    p0 = tmp_path / (_key(NS, _tok_bytes(toks(10, 0))) + ".kv")
+    p0 = tmp_path / (file_key(NS, tok_bytes(toks(10, 0))) + ".kv")
     t = time.time() - 1000
     os.utime(p0, (t, t))
     c2 = caches(disk_dir=tmp_path, disk_bytes=1500)
     assert c2.stats()["disk_entries"] == 1 and not p0.exists()
 
 
-def test_disk_dir_cannot_be_created(caches, tmp_path: Path) -> None:
+def test_disk_dir_cannot_be_created(caches: Caches, tmp_path: Path) -> None:
     f = tmp_path / "a-file"
     f.write_bytes(b"x")
     c = caches(disk_dir=f / "sub")
     assert not c.persistent
     assert c.stats()["disk_errors"] == 1
     c.insert(NS, toks(10), b"blob")  # does not raise
-    assert c.lookup(NS, toks(10)).blob == b"blob"
+    assert got(c.lookup(NS, toks(10))).blob == b"blob"
     with pytest.raises(OSError):
         c.insert(NS, toks(10, 50), b"b2", session="s", durable=True)
-    assert c.lookup(NS, toks(10, 50)).blob == b"b2"  # still served from RAM
+    assert got(c.lookup(NS, toks(10, 50))).blob == b"b2"  # still served from RAM
 
 
-def test_enospc_on_publish(caches, tmp_path: Path, monkeypatch) -> None:
+def test_enospc_on_publish(caches: Caches, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = caches(disk_dir=tmp_path)
 
-    def full(*a, **k):
+    def full(*a: object, **k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full)
@@ -300,8 +311,8 @@ def test_enospc_on_publish(caches, tmp_path: Path, monkeypatch) -> None:
         c.insert(NS, toks(10, 50), b"b2", session="s", durable=True)
     assert ei.value.errno == errno.ENOSPC
     assert c.stats()["disk_errors"] == 2
-    assert c.lookup(NS, toks(10)).blob == b"blob"
-    assert c.session_entry(NS, "s").blob == b"b2"
+    assert got(c.lookup(NS, toks(10))).blob == b"blob"
+    assert got(c.session_entry(NS, "s")).blob == b"b2"
     assert c.stats()["disk_entries"] == 0
     assert not [p for p in tmp_path.iterdir()]  # temp files cleaned up
     monkeypatch.undo()
@@ -309,7 +320,7 @@ def test_enospc_on_publish(caches, tmp_path: Path, monkeypatch) -> None:
     assert c.stats()["disk_entries"] == 1
 
 
-def test_pinned_sessions_survive_lru(caches) -> None:
+def test_pinned_sessions_survive_lru(caches: Caches) -> None:
     c = caches(ram_bytes=1000)
     c.insert(NS, toks(10, 0), bytes(300), session="a")
     c.insert(NS, toks(10, 100), bytes(300), session="b")
@@ -322,7 +333,7 @@ def test_pinned_sessions_survive_lru(caches) -> None:
     for i in range(11, 15):
         c.insert(NS, toks(10, 100 * i), bytes(300))
     assert c.lookup(NS, toks(10, 0)) is None
-    assert c.session_entry(NS, "a").tokens == tuple(toks(10, 1000))
+    assert got(c.session_entry(NS, "a")).tokens == tuple(toks(10, 1000))
     # pinned total is capped: the oldest pinned entries leave RAM
     for i in range(5):
         c.insert(NS, toks(10, 5000 + 100 * i), bytes(300), session=f"p{i}")
@@ -331,7 +342,7 @@ def test_pinned_sessions_survive_lru(caches) -> None:
     assert c.session_entry(NS, "b") is None  # no disk tier: dropped for good
 
 
-def test_pinned_dropped_from_ram_still_on_disk(caches, tmp_path: Path) -> None:
+def test_pinned_dropped_from_ram_still_on_disk(caches: Caches, tmp_path: Path) -> None:
     c = caches(ram_bytes=500, disk_dir=tmp_path)
     for i in range(4):
         c.insert(NS, toks(10, 100 * i), bytes([i]) * 300, session=f"s{i}")
@@ -341,11 +352,12 @@ def test_pinned_dropped_from_ram_still_on_disk(caches, tmp_path: Path) -> None:
     assert hit is not None and hit.tier == "disk" and hit.blob == bytes([0]) * 300
 
 
-def test_flush_waits_for_writes(caches, tmp_path: Path, monkeypatch) -> None:
+def test_flush_waits_for_writes(caches: Caches, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     c = caches(disk_dir=tmp_path)
     real_fsync = os.fsync
 
-    def slow_fsync(fd):
+    def slow_fsync(fd: int) -> None:
         time.sleep(0.05)
         real_fsync(fd)
 
@@ -356,11 +368,11 @@ def test_flush_waits_for_writes(caches, tmp_path: Path, monkeypatch) -> None:
     assert c.stats()["disk_entries"] == 5 and len(kv_files(tmp_path)) == 5
 
 
-def test_full_queue_drops_writes(tmp_path: Path, monkeypatch) -> None:
+def test_full_queue_drops_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = threading.Event()
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (gate.wait(5), real_fsync(fd)))
-    c = PrefixCache(disk_dir=tmp_path, min_tokens=4, write_queue=2)
+    c = PrefixCache(**{**DEFAULTS, "disk_dir": tmp_path}, write_queue=2)
     try:
         for i in range(10):
             c.insert(NS, toks(10, 100 * i), bytes(10))
@@ -375,7 +387,7 @@ def test_full_queue_drops_writes(tmp_path: Path, monkeypatch) -> None:
         c.close()
 
 
-def test_large_blob_goes_to_disk_only(caches, tmp_path: Path) -> None:
+def test_large_blob_goes_to_disk_only(caches: Caches, tmp_path: Path) -> None:
     c = caches(ram_bytes=100, disk_dir=tmp_path)
     c.insert(NS, toks(10), bytes(1000))
     c.flush()
@@ -384,7 +396,7 @@ def test_large_blob_goes_to_disk_only(caches, tmp_path: Path) -> None:
     assert hit is not None and hit.tier == "disk" and len(hit.blob) == 1000
 
 
-def test_concurrent_insert_lookup_with_writer(caches, tmp_path: Path) -> None:
+def test_concurrent_insert_lookup_with_writer(caches: Caches, tmp_path: Path) -> None:
     c = caches(ram_bytes=20_000, disk_dir=tmp_path, disk_bytes=60_000, write_queue=1000)
     rng = random.Random(7)
     prefixes = [toks(rng.randint(20, 400), 10_000 * k) for k in range(30)]
@@ -403,7 +415,7 @@ def test_concurrent_insert_lookup_with_writer(caches, tmp_path: Path) -> None:
         q = qp[:rng.randint(8, len(qp))] + [-1, -2, -3]
         hit = c.lookup(NS, q)
         if hit is not None:
-            assert hit.common == common_prefix_tokens(_tok_bytes(hit.tokens), _tok_bytes(q))
+            assert hit.common == common_prefix_tokens(tok_bytes(hit.tokens), tok_bytes(q))
             # a disk copy may briefly lag a newer blob still queued for writing
             assert hit.common >= 4 and hit.blob in history[hit.tokens]
     c.flush()
@@ -424,7 +436,7 @@ def test_concurrent_insert_lookup_with_writer(caches, tmp_path: Path) -> None:
         assert c2.session_entry(NS, f"s{k}") is not None
 
 
-def test_lookup_many_entries_long_prompt_is_fast(caches) -> None:
+def test_lookup_many_entries_long_prompt_is_fast(caches: Caches) -> None:
     c = caches(min_tokens=16, ram_bytes=1 << 30)
     base = toks(8000)
     for i in range(300):
@@ -435,3 +447,39 @@ def test_lookup_many_entries_long_prompt_is_fast(caches) -> None:
     dt = (time.perf_counter() - t0) / 10
     assert hit is not None and hit.common == 2000 + 10 * 299
     assert dt < 0.05, dt
+
+
+def test_constructor_arguments_are_required() -> None:
+    """No defaults of its own: the worker passes its configuration (WORKER_OPTIONS)."""
+    with pytest.raises(TypeError):
+        PrefixCache(ram_bytes=1 << 20, disk_dir=None, disk_bytes=1 << 20)  # type: ignore[call-arg]
+    from llamafleet.runtime.config import WORKER_OPTIONS
+    c = PrefixCache(ram_bytes=1 << 20, disk_dir=None, disk_bytes=1 << 20,
+                    min_tokens=WORKER_OPTIONS["cache_min_tokens"].default)
+    assert c.min_tokens == 32 and not c.persistent
+    c.close()
+
+
+def test_cache_file_round_trip_and_damage() -> None:
+    from llamafleet.worker import cache_file as cf
+    tb = tok_bytes(toks(20, -3))
+    data = b"".join(cf.encode(NS, tb, "s", 12.5, b"the-blob"))
+    assert data[:4] == cf.MAGIC and cf.tokens_from_bytes(tb) == tuple(toks(20, -3))
+    assert cf.decode(data, NS, tb) == b"the-blob"
+    hlen = cf.header_length(data[:cf.PREFIX_SIZE])
+    hdr = cf.parse_header(data[cf.PREFIX_SIZE:cf.PREFIX_SIZE + hlen])
+    assert hdr == cf.FileHeader(NS, tuple(toks(20, -3)), "s", 12.5, len(b"the-blob"))
+    assert cf.file_size(hlen, hdr.blob_len) == len(data)
+    with pytest.raises(cf.CorruptFile):
+        cf.decode(data, "other-ns", tb)  # not the indexed entry
+    for i in (0, 4, cf.PREFIX_SIZE + 1, len(data) - 40, len(data) - 1):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        with pytest.raises(cf.CorruptFile):
+            cf.decode(bytes(bad), NS, tb)
+    with pytest.raises(cf.CorruptFile):
+        cf.decode(data[:-1], NS, tb)
+    with pytest.raises(cf.CorruptFile):
+        cf.header_length(b"LFPC\x02\x00\x00\x00\x01")  # unknown version
+    with pytest.raises(cf.CorruptFile):
+        cf.parse_header(b"\x93\x01\x02\x03")  # a msgpack list, not a map

@@ -10,13 +10,13 @@ import pathlib
 
 import pytest
 
-from runtime.errors import BadRequest, NotFound
-from runtime.sampling import SamplingParams
+from llamafleet.runtime.errors import BadRequest, NotFound
+from llamafleet.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.llama
 
 try:
-    from backends.llama import binding
+    from llamafleet.backends.llama import binding
     binding.lib()
     HAVE_LLAMA = True
     WHY = ""
@@ -27,9 +27,14 @@ except Exception as exc:  # noqa: BLE001
 if not HAVE_LLAMA:
     pytest.skip(WHY, allow_module_level=True)
 
-from backends.llama.backend import LlamaBackend  # noqa: E402
-from tests.tiny_gguf import (EOS_ID, IM_END_ID, TinyModelSpec, write_lora_adapter,  # noqa: E402
-                             write_tiny_model)
+from llamafleet.backends.llama.backend import LlamaBackend  # noqa: E402
+from llamafleet.testing.tiny_gguf import (  # noqa: E402
+    EOS_ID,
+    IM_END_ID,
+    TinyModelSpec,
+    write_lora_adapter,
+    write_tiny_model,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -123,11 +128,11 @@ def test_bad_options(files: dict[str, pathlib.Path]) -> None:
         LlamaBackend({})
     with pytest.raises(BadRequest, match="unknown"):
         LlamaBackend({"path": "x", "n_cxt": 5})
-    with pytest.raises(BadRequest, match="integer"):
+    with pytest.raises(BadRequest, match="n_ctx .*int"):
         LlamaBackend({"path": "x", "n_ctx": "big"})
     with pytest.raises(BadRequest, match="flash_attn"):
         LlamaBackend({"path": "x", "flash_attn": "maybe"})
-    with pytest.raises(BadRequest, match="boolean"):
+    with pytest.raises(BadRequest, match="kv_unified .*bool"):
         LlamaBackend({"path": "x", "kv_unified": 1})
 
 
@@ -149,6 +154,46 @@ def test_progress_and_info(files: dict[str, pathlib.Path]) -> None:
         b.close()  # idempotent
     with pytest.raises(BadRequest):
         b.info()
+
+
+SAMPLING_META = {"general.sampling.temp": 0.7, "general.sampling.top_k": 20,
+                 "general.sampling.top_p": 0.8, "general.sampling.min_p": 0.05,
+                 "general.sampling.penalty_last_n": -1, "general.sampling.penalty_repeat": 1.1}
+
+
+def test_default_sampling(be: LlamaBackend, tmp_path: pathlib.Path) -> None:
+    assert be.default_sampling() == {}  # the tiny model recommends nothing
+    path = write_tiny_model(tmp_path / "sampling.gguf", TinyModelSpec(metadata={
+        **SAMPLING_META, "general.sampling.mirostat": 2}))  # no SamplingParams field: dropped
+    b = _make(path, n_seq_max=1)
+    try:
+        assert b.default_sampling() == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
+                                         "min_p": 0.05, "repeat_last_n": -1,
+                                         "repeat_penalty": 1.1}
+        SamplingParams.from_dict(b.default_sampling())  # what the worker does with it
+    finally:
+        b.close()
+
+
+def test_default_sampling_wrong_types(tmp_path: pathlib.Path,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    import gguf
+    T = gguf.GGUFValueType
+    path = write_tiny_model(tmp_path / "bad.gguf", TinyModelSpec(metadata={
+        "general.sampling.temp": ("hot", T.STRING), "general.sampling.top_k": 2.5,
+        "general.sampling.top_p": (True, T.BOOL), "general.sampling.min_p": 1,
+        "general.sampling.penalty_last_n": (128, T.UINT64)}))
+    b = _make(path, n_seq_max=1)
+    try:
+        with caplog.at_level("WARNING", logger="llamafleet.llama"):
+            got = b.default_sampling()
+        # an integer is a number too; a string, a bool or a float for top_k is not
+        assert got == {"min_p": 1.0, "repeat_last_n": 128}
+        warned = " ".join(r.getMessage() for r in caplog.records)
+        for key in ("general.sampling.temp", "general.sampling.top_k", "general.sampling.top_p"):
+            assert key in warned
+    finally:
+        b.close()
 
 
 # -- vocabulary ----------------------------------------------------------------------------
@@ -223,7 +268,7 @@ def test_multi_sequence_equals_solo(be: LlamaBackend) -> None:
     prompts = [be.tokenize("hello world"), be.tokenize("the time"),
                be.tokenize("one two three four five")]
     solo = [generate(be, 0, p, 8) for p in prompts]
-    for s, p in enumerate(prompts):
+    for s in range(len(prompts)):
         be.seq_clear(s)
         be.set_sampling(s, GREEDY)
     be.evaluate([(s, p) for s, p in enumerate(prompts)])
@@ -453,25 +498,28 @@ def test_chat_template(be: LlamaBackend) -> None:
 
 
 def test_abort(be: LlamaBackend) -> None:
-    from runtime.errors import Cancelled
+    from llamafleet.runtime.errors import Cancelled
     be.evaluate([(0, [5, 6, 7])])
-    be.set_abort(lambda: True)
+    be.abort(True)
     try:
         with pytest.raises(Cancelled):
             be.evaluate([(0, [8] * 100), (1, [9] * 20)])
     finally:
-        be.set_abort(None)
+        be.abort(False)
     assert be.seq_tokens(0) == [5, 6, 7] and be.seq_len(1) == 0
     # the decode step (a few tokens as a list of ints) takes a leaner path: same rollback
-    be.set_abort(lambda: True)
+    be.abort(True)
     try:
         with pytest.raises(Cancelled):
             be.evaluate([(0, [8]), (1, [9, 10])])
+        with pytest.raises(Cancelled):  # the embedding context shares the flag
+            be.embed(["hello world"])
     finally:
-        be.set_abort(None)
+        be.abort(False)
     assert be.seq_tokens(0) == [5, 6, 7] and be.seq_len(1) == 0
     be.evaluate([(0, [8])])
     assert be.sample(0) is not None
+    assert len(be.embed(["hello world"])) == 1
 
 
 def test_small_batches_match_the_general_path(be: LlamaBackend) -> None:
@@ -481,7 +529,7 @@ def test_small_batches_match_the_general_path(be: LlamaBackend) -> None:
     for s in (0, 1):
         be.set_sampling(s, SamplingParams(temperature=0.0))
     be.evaluate([(0, prompt), (1, np.array(prompt))])
-    for step in range(6):
+    for _ in range(6):
         assert np.array_equal(be._logits[0], be._logits[1])
         t0, t1 = be.sample(0), be.sample(1)
         assert t0 == t1 and t0 is not None

@@ -13,11 +13,11 @@ import subprocess
 
 import pytest
 
-from backends.llama._cdef import BY_VALUE_STRUCTS, CDEF
+from llamafleet.backends.llama._cdef import BY_VALUE_STRUCTS, CDEF
 
 
 def _header() -> str | None:
-    from backends.llama import binding
+    from llamafleet.backends.llama import binding
     return binding.find_header()
 
 

@@ -12,17 +12,20 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-try:
-    from tests.tiny_gguf import (
-        BOS_ID, BYTE_BASE_ID, CHATML_TEMPLATE, EOS_ID, IM_END_ID, IM_START_ID, N_VOCAB,
-        SPM_SPACE, TinyModelSpec, tiny_vocab, write_lora_adapter, write_tiny_model,
-    )
-except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from tiny_gguf import (  # type: ignore[no-redef]
-        BOS_ID, BYTE_BASE_ID, CHATML_TEMPLATE, EOS_ID, IM_END_ID, IM_START_ID, N_VOCAB,
-        SPM_SPACE, TinyModelSpec, tiny_vocab, write_lora_adapter, write_tiny_model,
-    )
-
+from llamafleet.testing.tiny_gguf import (  # noqa: E402 - after the importorskip
+    BOS_ID,
+    BYTE_BASE_ID,
+    CHATML_TEMPLATE,
+    EOS_ID,
+    IM_END_ID,
+    IM_START_ID,
+    N_VOCAB,
+    SPM_SPACE,
+    TinyModelSpec,
+    tiny_vocab,
+    write_lora_adapter,
+    write_tiny_model,
+)
 
 # ---------------------------------------------------------------- generator only (no llama.cpp)
 

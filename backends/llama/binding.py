@@ -23,8 +23,8 @@ from typing import Any
 
 from cffi import FFI
 
-from backends.llama._cdef import CDEF
-from runtime.errors import BadRequest
+from llamafleet.backends.llama._cdef import CDEF
+from llamafleet.runtime.errors import BadRequest
 
 ENV_LIB = "LLAMAFLEET_LIBLLAMA"
 log = logging.getLogger("llamafleet.llama")

@@ -9,14 +9,18 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from runtime.errors import BadRequest
+from llamafleet.runtime.errors import BadRequest
 
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}
 _MAX_STR = 64 * 1024 * 1024
+#: GGUF value types (``enum gguf_type``)
+INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
+FLOAT32, BOOL, STRING, ARRAY, FLOAT64 = 6, 7, 8, 9, 12
 
 
 def check_model_file(path: Any, what: str = "model") -> str:
@@ -76,25 +80,61 @@ def _skip_or_read(f: BinaryIO, vtype: int, keep: bool) -> Any:
     raise BadRequest(f"GGUF metadata has unknown value type {vtype}")
 
 
+def _short_f32(x: float) -> float:
+    """The shortest decimal that rounds to the same float32 as ``x``."""
+    if x != x or x in (float("inf"), float("-inf")):
+        return x
+    want = struct.pack("<f", x)
+    for digits in range(1, 10):
+        y = float(f"{x:.{digits}g}")
+        if struct.pack("<f", y) == want:
+            return y
+    return x
+
+
+def _kv(f: BinaryIO) -> Iterator[tuple[str, int, Any]]:
+    """``(key, value type, value)`` of each metadata pair (arrays: value None)."""
+    if _read(f, 4) != GGUF_MAGIC:
+        raise BadRequest("not a GGUF file")
+    version, _n_tensors, n_kv = struct.unpack("<IQQ", _read(f, 20))
+    if version not in (2, 3):
+        raise BadRequest(f"unsupported GGUF version {version}")
+    for _ in range(n_kv):
+        key = _read_str(f)
+        vtype = struct.unpack("<I", _read(f, 4))[0]
+        yield key, vtype, _skip_or_read(f, vtype, True)
+
+
 def read_metadata(path: str, keys: set[str] | None = None) -> dict[str, Any]:
     """Scalar and string metadata of a GGUF file (arrays are skipped).
 
     With ``keys``, stops as soon as all of them were seen."""
     out: dict[str, Any] = {}
     with open(path, "rb") as f:
-        if _read(f, 4) != GGUF_MAGIC:
-            raise BadRequest("not a GGUF file")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", _read(f, 20))
-        if version not in (2, 3):
-            raise BadRequest(f"unsupported GGUF version {version}")
-        for _ in range(n_kv):
-            key = _read_str(f)
-            vtype = struct.unpack("<I", _read(f, 4))[0]
-            val = _skip_or_read(f, vtype, True)
+        for key, _vtype, val in _kv(f):
             if val is not None:
                 out[key] = val
             if keys is not None and keys <= out.keys():
                 break
+    return out
+
+
+def read_typed_metadata(path: str, keys: set[str]) -> dict[str, tuple[int, Any]]:
+    """``key -> (GGUF value type, value)`` for those of ``keys`` the file holds
+    (an array's value is None); stops as soon as all of them were seen.
+
+    Value types: ``INT_TYPES``, ``FLOAT32`` / ``FLOAT64``, ``BOOL``, ``STRING``,
+    ``ARRAY``. A float32 comes back as the shortest decimal that reads back as
+    the same float32 (0.8, not 0.800000011920929)."""
+    out: dict[str, tuple[int, Any]] = {}
+    with open(path, "rb") as f:
+        for key, vtype, val in _kv(f):
+            if key in keys:
+                if vtype == FLOAT32:
+                    val = _short_f32(val)
+                out[key] = (vtype, val)
+                if len(out) == len(keys):
+                    break
     return out
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import BadRequest
+from llamafleet.runtime.errors import BadRequest
 
 MAGIC = b"LFKV"
 VERSION = 1

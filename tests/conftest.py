@@ -20,10 +20,7 @@ if str(ROOT) not in sys.path:
 
 from llamafleet.runtime.config import Config  # noqa: E402
 from llamafleet.runtime.supervisor import Supervisor  # noqa: E402
-
-#: Fast supervision settings so crash tests run in seconds.
-FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.5, "restart_backoff_initial": 0.05,
-        "restart_backoff_max": 0.5, "shutdown_grace": 5.0, "startup_timeout": 60.0}
+from llamafleet.testing import FAST_SETTINGS as FAST  # noqa: E402  fast supervision settings
 
 
 @pytest.fixture

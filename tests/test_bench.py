@@ -1,4 +1,4 @@
-"""``python -m bench --quick --tiny --json`` runs end to end and reports every figure."""
+"""``llamafleet bench --quick --tiny --json`` runs end to end and reports every figure."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every protocol command end to end on the llama backend: supervisor + llama worker + client.
 
-The models are tiny random-weight GGUF files generated once per module (tests/tiny_gguf.py),
+The models are tiny random-weight GGUF files generated once per module (llamafleet.testing.tiny_gguf),
 so this runs in seconds and needs no download; only libllama (llama-cpp-python) is required.
 """
 

@@ -1,4 +1,4 @@
-"""Tests of the tiny GGUF generator (tests/tiny_gguf.py).
+"""Tests of the tiny GGUF generator (llamafleet/testing/tiny_gguf.py).
 
 The llama-marked tests load the generated files with llama-cpp-python's own API, the peer
 reference, to prove that llama.cpp accepts them; they are skipped if it is not installed.

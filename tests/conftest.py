@@ -86,5 +86,14 @@ def worker_pid(sup: Supervisor, model: str) -> int:
     return int(pid)
 
 
+def catch(fn: Callable[[], Any]) -> BaseException | None:
+    """What ``fn()`` raised (None if nothing): for calls made in other threads."""
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the assertion
+        return exc
+    return None
+
+
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
     os.kill(pid, sig)

@@ -22,7 +22,7 @@ from llamafleet.runtime.errors import (
     WorkerCrashed,
     WorkerFailed,
 )
-from tests.conftest import kill, pid_alive, wait_for, worker_pid
+from tests.conftest import catch, kill, pid_alive, wait_for, worker_pid
 
 SLOW = {"backend": "fake", "token_delay": 0.02, "n_seq_max": 4}
 
@@ -117,7 +117,7 @@ def test_crash_loop_ends_failed_while_other_model_serves(fleet) -> None:
     assert "Fatal Python error: Segmentation fault" in crashy["last_exit"]
     sup.wait_ready(models=["good"], timeout=30)
     with Client(sup.address, timeout=30) as c:
-        assert c.generate("good", "hi", max_tokens=3).tokens
+        assert c.generate("good", "hi", max_tokens=3, ignore_eos=True).tokens
         with pytest.raises(WorkerFailed, match="SIGSEGV") as info:
             c.ping("crashy")
         assert not info.value.retryable
@@ -143,7 +143,7 @@ def test_wedged_worker_is_killed_by_heartbeat_timeout(fleet) -> None:
             c.generate("slow", "x", max_tokens=10)
         assert time.monotonic() - t0 < 5.0
         wait_for(lambda: "no heartbeat" in (c.status()[0]["last_exit"] or ""), timeout=5)
-        assert c.generate("slow", "x", max_tokens=2).tokens
+        assert c.generate("slow", "x", max_tokens=2, ignore_eos=True).tokens
         assert not pid_alive(pid)
 
 
@@ -277,7 +277,7 @@ def test_workers_exit_when_the_supervisor_is_killed_and_restart_is_clean(short_d
         proc.stdout.readline()
         with Client(addr, timeout=30) as c:
             wait_for(lambda: all(w["state"] == "ready" for w in c.status()), timeout=30)
-            assert c.generate("tiny", "hi", max_tokens=3).tokens
+            assert c.generate("tiny", "hi", max_tokens=3, ignore_eos=True).tokens
         stop = _cli("stop", "--address", addr)
         assert stop.returncode == 0
         assert proc.wait(20) == 0
@@ -388,7 +388,7 @@ def test_shutdown_answers_every_queued_request(fleet) -> None:
     try:
         with Client(sup.address, timeout=30) as c:
             c.ping("m")
-            t = threading.Thread(target=lambda: errors.append(_catch(
+            t = threading.Thread(target=lambda: errors.append(catch(
                 lambda: c.generate("m", "p" * 1000, max_tokens=1))))
             t.start()
             wait_for(lambda: c.status()[0]["inflight"] == 1, timeout=5)
@@ -420,10 +420,3 @@ def test_shutdown_answers_every_queued_request(fleet) -> None:
     assert isinstance(errors[0], ShuttingDown)
     assert sup.status()[0]["state"] == "stopped"
 
-
-def _catch(fn) -> BaseException | None:
-    try:
-        fn()
-    except BaseException as exc:  # noqa: BLE001 - handed to the assertion
-        return exc
-    return None

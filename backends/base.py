@@ -53,6 +53,8 @@ class Backend(ABC):
         self.options: dict[str, Any] = fields.parse(
             self.OPTIONS, options, f"{self.name or type(self).__name__} backend option",
             error=BadRequest)
+        #: the sampler of a sequence nobody set one for (see set_default_sampling)
+        self.default_params = SamplingParams()
 
     # -- lifecycle ---------------------------------------------------------
     @abstractmethod
@@ -68,6 +70,12 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Free native resources. Safe to call twice."""
+
+    def set_default_sampling(self, params: SamplingParams) -> None:
+        """Install the model's default sampler: what a sequence samples with until
+        ``set_sampling`` gives it its own, and again after ``seq_clear``. The worker
+        calls it after ``load`` with the configured and file defaults."""
+        self.default_params = params
 
     def default_sampling(self) -> dict[str, Any]:
         """Sampling parameters the model file recommends (llama: the GGUF's

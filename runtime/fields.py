@@ -3,8 +3,9 @@ keys and backend options, and one checker for all of them.
 
 A field states the accepted types, its default, and its bounds once; the
 protocol validates request arguments with it, the configuration loader
-validates ``[supervisor]`` and ``[models.NAME]`` keys with it, and every
-backend declares its options as a mapping of name to Field.
+validates ``[models.NAME]`` keys with it (worker options and the backend's),
+and every backend declares its options as a mapping of name to Field.
+(``[supervisor]`` keys are the fields of the SupervisorConfig dataclass.)
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ def backend_class(name: str) -> type:
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UnknownBackend(f"backend {name!r}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raised on import
+        raise UnknownBackend(f"backend {name!r}: cannot import {module_name}: "
+                             f"{type(exc).__name__}: {exc}") from None
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
         raise UnknownBackend(f"backend {name!r}: {target} is not a class")

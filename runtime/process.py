@@ -22,8 +22,6 @@ from typing import IO
 
 from llamafleet.runtime import protocol
 
-#: the environment variable carrying the worker's spec
-SPEC_ENV = "LLAMAFLEET_WORKER_SPEC"
 #: lines of a worker's output kept for its exit report
 LOG_TAIL_LINES = 40
 #: how long an exit report may wait for the worker's last output lines (seconds)
@@ -103,7 +101,7 @@ class WorkerProcess:
         """Start ``python -m llamafleet.worker`` for ``spec``; its output lines go to
         ``tail``. Raises OSError when the process cannot be started."""
         env = dict(os.environ)
-        env[SPEC_ENV] = json.dumps(spec.to_wire())
+        env[protocol.WORKER_SPEC_ENV] = json.dumps(spec.to_wire())
         popen = subprocess.Popen(
             [sys.executable, "-m", "llamafleet.worker"], env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -22,6 +22,7 @@ Nothing is ever unpickled: msgpack only.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import typing
 from collections.abc import Callable
@@ -188,7 +189,8 @@ class Decoded(Message):
     eog: bool
     n_tokens: int
     reason: str | None = None
-    bytes: bytes = b""
+    #: the token's raw bytes (``piece`` is their UTF-8 decoding, errors replaced)
+    bytes: builtins.bytes = b""
 
 
 @dataclass
@@ -341,6 +343,10 @@ class Heartbeat(Message):
     inflight: int = 0
 
 
+#: the environment variable that carries a worker's WorkerSpec (JSON)
+WORKER_SPEC_ENV = "LLAMAFLEET_WORKER_SPEC"
+
+
 @dataclass
 class WorkerSpec(Message):
     """What the supervisor tells a worker it starts (JSON in $LLAMAFLEET_WORKER_SPEC)."""
@@ -390,10 +396,6 @@ def _is_int(v: Any) -> bool:
 
 def _nonneg(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
-
-
-def _positive(v: Any) -> str | None:
-    return None if v >= 1 else "must be >= 1"
 
 
 def _max_len(n: int) -> Callable[[Any], str | None]:

@@ -233,7 +233,7 @@ def test_streams_share_one_flush_clock() -> None:
     sends: list[tuple[int, int, str]] = []  # (tick, request, kind)
     sched = Scheduler(be, send=lambda peer, req_id, out: sends.append(
         (sched.ticks, req_id, "chunk" if isinstance(out, StreamChunk) else "other")),
-        stream_interval=0.02)
+        stream_interval=0.02, max_queue=64)
 
     def gen(req_id: int, n: int) -> Generation:
         return Generation(peer=b"p", req_id=req_id, stream=True, prompt_tokens=[1, 2, 3],

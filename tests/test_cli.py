@@ -44,3 +44,55 @@ def test_clients_raise_unavailable_within_their_connect_timeout(tmp_path: Path) 
             return time.monotonic() - t
 
     assert asyncio.run(main()) < 3.0
+
+
+def test_a_supervisor_that_goes_away_mid_call_ends_it_at_once(tmp_path: Path) -> None:
+    """A call in flight when the control connection drops gets Unavailable (retryable)
+    at once, not after its whole timeout; a bad address is a BadRequest."""
+    import threading
+
+    import zmq
+
+    from llamafleet import BadRequest
+    address = f"ipc://{tmp_path}/mute.sock"
+    ctx = zmq.Context()
+    mute = ctx.socket(zmq.ROUTER)  # accepts the connection, never answers
+    mute.bind(address)
+    errors: list[BaseException] = []
+    with Client(address, connect_timeout=5) as c:
+        def call() -> None:
+            try:
+                c.status(timeout=30)
+            except BaseException as exc:  # noqa: BLE001 - handed to the assertion
+                errors.append(exc)
+        t = threading.Thread(target=call)
+        t.start()
+        assert mute.poll(5000)  # the request arrived
+        t0 = time.monotonic()
+        mute.close(linger=0)
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - t0 < 3.0
+        assert isinstance(errors[0], Unavailable) and "went away" in str(errors[0])
+    ctx.term()
+    with Client("nonsense://x") as c:
+        with pytest.raises(BadRequest, match="bad supervisor address"):
+            c.status()
+
+
+def test_close_ends_a_call_waiting_for_the_supervisor(tmp_path: Path) -> None:
+    from llamafleet import Cancelled
+
+    async def main() -> tuple[BaseException | None, float]:
+        ac = AsyncClient(f"ipc://{tmp_path}/none.sock", connect_timeout=20)
+        task = asyncio.ensure_future(ac.status(timeout=20))
+        await asyncio.sleep(0.3)
+        t = time.monotonic()
+        await ac.close()
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001 - handed to the assertion
+            return exc, time.monotonic() - t
+        return None, time.monotonic() - t
+
+    err, took = asyncio.run(main())
+    assert isinstance(err, Cancelled) and took < 1.0

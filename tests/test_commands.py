@@ -317,3 +317,22 @@ def test_every_reply_field_is_an_attribute(fleet, short_dir: Path) -> None:
         info = c.info("tiny")
         assert info.scheduler is not None and info.scheduler.max_queue == 64
         assert info.cache is not None and info.cache["ram_entries"] >= 1
+
+
+def test_model_defaults_reach_caller_sequences_and_constraints(fleet) -> None:
+    grammar = 'root ::= "yes" | "no"'
+    sup = fleet({"cold": {"backend": "fake", "sampling": {"temperature": 0.0}},
+                 "yesno": {"backend": "fake", "sampling": {"grammar": grammar}}})
+    with Client(sup.address, timeout=30) as c:
+        # prefill + decode with no sampling of its own samples with the model's defaults
+        toks = c.tokenize("cold", "Once upon")
+        greedy_tokens = c.generate("cold", tokens=toks, max_tokens=8, ignore_eos=True).tokens
+        c.prefill("cold", 0, toks)
+        assert [c.decode("cold", 0).token for _ in range(8)] == greedy_tokens
+        c.seq_clear("cold", 0)  # after a clear the defaults apply again
+        c.prefill("cold", 0, toks)
+        assert c.decode("cold", 0).token == greedy_tokens[0]
+        # a default grammar constrains; a request's own json_schema replaces it
+        assert c.generate("yesno", "Answer:", max_tokens=8).text in ("yes", "no")
+        r = c.generate("yesno", "Answer:", max_tokens=40, json_schema={"type": "boolean"})
+        assert r.text in ("true", "false")

@@ -105,3 +105,10 @@ def test_validate_args_fills_defaults_and_names_the_problem() -> None:
         protocol.validate_args("nope", {})
     with pytest.raises(BadRequest, match="args must be a map"):
         protocol.validate_args("ping", [1])
+
+
+def test_bad_sampling_values_in_a_model_file_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    from llamafleet.worker.server import _usable
+    got = _usable({"temperature": 0.7, "top_p": 7.0, "repeat_penalty": 0, "top_k": 20})
+    assert got == {"temperature": 0.7, "top_k": 20}
+    assert "top_p=7.0" in caplog.text and "repeat_penalty=0" in caplog.text

@@ -37,7 +37,8 @@ class Rig:
         self.be: Backend = get_backend("fake")({"n_seq_max": 2, **options})
         self.be.load()
         self.sent: list[tuple[bytes, int, Outgoing]] = []
-        self.sched = Scheduler(self.be, send=self._send, max_queue=max_queue, cache=cache)
+        self.sched = Scheduler(self.be, send=self._send, max_queue=max_queue, cache=cache,
+                               stream_interval=0.0)
 
     def _send(self, peer: bytes, req_id: int, out: Outgoing) -> None:
         self.sent.append((peer, req_id, out))

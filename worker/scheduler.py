@@ -59,9 +59,11 @@ class KVCache(Protocol):
 class Scheduler:
     """Owns the backend's sequences while generations run."""
 
-    def __init__(self, backend: Backend, *, send: Send, max_queue: int = 64,
-                 cache: KVCache | None = None, stream_interval: float = 0.0,
+    def __init__(self, backend: Backend, *, send: Send, max_queue: int, stream_interval: float,
+                 cache: KVCache | None = None,
                  wake_watcher: Callable[[], None] | None = None) -> None:
+        """``max_queue`` and ``stream_interval`` (seconds) are the model's worker options
+        (``config.WORKER_OPTIONS``: their defaults live there)."""
         info = backend.info()
         self.backend = backend
         self.n_seq_max = info.n_seq_max

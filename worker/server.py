@@ -213,8 +213,8 @@ class Worker:
         self.backend = backend
         self.n_seq_max = backend.info().n_seq_max
         # the model file's recommendation, then the configuration's; requests override
-        self.default_sampling = {**backend.default_sampling(), **self.spec.sampling}
-        SamplingParams.from_dict(self.default_sampling)  # a bad GGUF value fails the load
+        self.default_sampling = {**_usable(backend.default_sampling()), **self.spec.sampling}
+        backend.set_default_sampling(self.sampling(None))
         opts = self.spec.worker_options
         self.cache = self._make_cache(opts)
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
@@ -365,8 +365,12 @@ class Worker:
         return self.backend, self.scheduler
 
     def sampling(self, raw: dict[str, Any] | None) -> SamplingParams:
-        """A request's sampling over the model's defaults (the request wins)."""
-        return SamplingParams.from_dict({**self.default_sampling, **(raw or {})})
+        """A request's sampling over the model's defaults (the request wins; a request
+        that constrains with grammar or json_schema replaces a default constraint)."""
+        base = self.default_sampling
+        if raw and (raw.get("grammar") is not None or raw.get("json_schema") is not None):
+            base = {k: v for k, v in base.items() if k not in ("grammar", "json_schema")}
+        return SamplingParams.from_dict({**base, **(raw or {})})
 
     def check_seq(self, seq: int) -> None:
         """Refuse a caller-managed sequence that is out of range or in use."""
@@ -392,10 +396,24 @@ class Worker:
         raise BadRequest(f"path {path!r} is outside the allowed directories ({option})")
 
 
+def _usable(recommended: dict[str, Any]) -> dict[str, Any]:
+    """The model file's sampling values that are valid; the rest skipped with a warning
+    (advisory metadata never fails a load)."""
+    out: dict[str, Any] = {}
+    for key, value in recommended.items():
+        try:
+            SamplingParams.from_dict({key: value})
+        except BadRequest as exc:
+            log.warning("ignoring the model file's sampling %s=%r: %s", key, value, exc.message)
+            continue
+        out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m llamafleet.worker``; the spec comes in $LLAMAFLEET_WORKER_SPEC."""
     faulthandler.enable()  # a native crash prints a traceback the supervisor keeps
-    spec = WorkerSpec.from_wire(json.loads(os.environ["LLAMAFLEET_WORKER_SPEC"]))
+    spec = WorkerSpec.from_wire(json.loads(os.environ[protocol.WORKER_SPEC_ENV]))
     logging.basicConfig(level=spec.log_level.upper(),
                         format=f"%(asctime)s worker[{spec.model}] %(levelname)s %(message)s",
                         stream=sys.stderr)

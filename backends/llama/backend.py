@@ -153,7 +153,6 @@ class LlamaBackend(Backend):
         self._tokens, self._logits = self._seqs.tokens, self._seqs.logits
         self._has_logits = self._seqs.has_logits
         self._samplers = [None] * self.n_seq_max
-        self._default_params = SamplingParams()
         self._cand = native.LlamaTokenDataArray(self.ffi, self.n_vocab)
         self._eog = model.eog_tokens()
         self.bos, self.eos = model.bos, model.eos
@@ -423,7 +422,7 @@ class LlamaBackend(Backend):
             raise BadRequest(f"sequence {s} has no logits (evaluate tokens first)")
         smp = self._samplers[s]
         if smp is None:
-            smp = self._samplers[s] = self._build_sampler(self._default_params, s)
+            smp = self._samplers[s] = self._build_sampler(self.default_params, s)
         return smp.sample(self._logits[s])
 
     # ------------------------------------------------------------------ KV state

@@ -199,8 +199,10 @@ class Backend(ABC):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
                             add_generation_prompt: bool = True,
                             template: str | None = None,
-                            enable_thinking: bool | None = None) -> str:
-        """Render chat messages with the model's template (or ``template``)."""
+                            enable_thinking: bool | None = None,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """Render chat messages with the model's template (or ``template``); ``tools``
+        are OpenAI-style function declarations."""
         raise NotSupported(f"{self.name} backend does not support chat templates")
 
     # -- control -----------------------------------------------------------

@@ -87,18 +87,24 @@ def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *,
                          add_generation_prompt: bool = True,
                          bos_token: str = "", eos_token: str = "",
                          enable_thinking: bool | None = None,
+                         tools: Sequence[dict[str, Any]] | None = None,
                          extra: dict[str, Any] | None = None) -> str:
     """Render ``messages`` with the Jinja ``template``.
 
     Variables: ``messages``, ``add_generation_prompt``, ``bos_token``,
-    ``eos_token``, ``enable_thinking`` (only when not None), plus ``extra``.
-    Helpers: ``raise_exception(msg)``, ``strftime_now(fmt)``, ``tojson``.
+    ``eos_token``, ``enable_thinking`` (only when not None), ``tools`` (only when
+    given), plus ``extra``. A template that does not use ``tools`` gets them as a
+    system message instead (:func:`tools_system_prompt`), as llama.cpp's generic
+    tool format does. Helpers: ``raise_exception(msg)``, ``strftime_now(fmt)``,
+    ``tojson``.
     """
     if not isinstance(template, str) or not template:
         raise BadRequest("no chat template")
     if len(template.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
         raise BadRequest(f"chat template larger than {MAX_TEMPLATE_BYTES} bytes")
     msgs = _check_messages(messages)
+    if tools and "tools" not in template:
+        msgs = with_tools_prompt(msgs, tools)
     from jinja2.exceptions import SecurityError
     from jinja2.exceptions import TemplateError as JinjaTemplateError
 
@@ -108,6 +114,8 @@ def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *,
                bos_token=bos_token, eos_token=eos_token)
     if enable_thinking is not None:
         ctx["enable_thinking"] = bool(enable_thinking)
+    if tools and "tools" in template:
+        ctx["tools"] = [dict(t) for t in tools]
     try:
         out = tmpl.render(**ctx)
     except SecurityError as exc:
@@ -123,3 +131,22 @@ def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *,
     if len(out) > MAX_OUTPUT_CHARS:
         raise BadRequest("rendered chat prompt is too large")
     return out
+
+
+def tools_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
+    """The system text that declares ``tools`` to a template without tool support."""
+    import json
+    return ("You can call these functions. To call one, answer with only a JSON object "
+            '{"name": <function name>, "arguments": <arguments object>}.\n'
+            + json.dumps([dict(t) for t in tools], ensure_ascii=False))
+
+
+def with_tools_prompt(messages: list[dict[str, Any]],
+                      tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with the tools declared in their (first) system message."""
+    text = tools_system_prompt(tools)
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{text}".strip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]

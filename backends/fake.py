@@ -409,11 +409,12 @@ class FakeBackend(Backend):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
                             add_generation_prompt: bool = True,
                             template: str | None = None,
-                            enable_thinking: bool | None = None) -> str:
+                            enable_thinking: bool | None = None,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
         return render_chat_template(template or self.template, messages,
                                     add_generation_prompt=add_generation_prompt,
                                     bos_token=SPECIAL_TEXT[BOS], eos_token=SPECIAL_TEXT[EOS],
-                                    enable_thinking=enable_thinking)
+                                    enable_thinking=enable_thinking, tools=tools)
 
     def abort(self, flag: bool) -> None:
         self._abort_flag = bool(flag)

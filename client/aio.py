@@ -168,6 +168,8 @@ class AsyncStream:
         self._deadline: float | None = None
         self._done = False
         self.tokens: list[int] = []
+        #: with ``logprobs``: one protocol.TokenLogprob map per token so far
+        self.logprobs: list[protocol.TokenLogprob] = []
         self.result: Completion | None = None
 
     def __aiter__(self) -> AsyncStream:
@@ -192,6 +194,8 @@ class AsyncStream:
             if msg["kind"] == "chunk":
                 data = msg["data"]
                 self.tokens.extend(data.get("tokens", []))
+                if data.get("logprobs"):
+                    self.logprobs.extend(data["logprobs"])
                 if data.get("text"):
                     return data["text"]
                 continue
@@ -503,6 +507,11 @@ class AsyncClient:
         """One dict per worker: model, pid, state, restarts, last_exit, ..."""
         return (await self._supervisor("status", {}, timeout))["workers"]
 
+    async def fleet_status(self, *, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The whole ``status`` reply: ``workers``, ``services`` (the HTTP gateway),
+        the supervisor's ``address`` and ``pid``."""
+        return dict(await self._supervisor("status", {}, timeout))
+
     async def lookup(self, model: str, *, wait: float = 0.0) -> protocol.WorkerEndpoint:
         """Where the model's worker is (waits up to ``wait`` s for readiness)."""
         return protocol.WorkerEndpoint.from_wire(await self._supervisor(
@@ -520,6 +529,10 @@ class AsyncClient:
     async def info(self, model: str, *, timeout: float | None = None) -> protocol.Info:
         """Model metadata, backend, limits, default sampling, adapters, scheduler and cache."""
         return await self._command(model, "info", protocol.Info, None, timeout)
+
+    async def metrics(self, model: str, *, timeout: float | None = None) -> protocol.WorkerMetrics:
+        """The worker's counters, gauges and histograms (what /metrics exports)."""
+        return await self._command(model, "metrics", protocol.WorkerMetrics, None, timeout)
 
     async def tokenize(self, model: str, text: str, *, add_special: bool = True,
                        parse_special: bool = False, timeout: float | None = None) -> list[int]:
@@ -551,7 +564,7 @@ class AsyncClient:
     def _generate_args(self, prompt: str | None, tokens: Sequence[int] | None, seq: int | None,
                        max_tokens: int, stop: Sequence[str] | str | None, add_special: bool,
                        parse_special: bool, ignore_eos: bool, stream: bool,
-                       session: str | None, timeout: float | None,
+                       session: str | None, timeout: float | None, logprobs: int | None,
                        sampling: dict[str, Any]) -> dict[str, Any]:
         if (prompt is None) == (tokens is None):
             raise BadRequest("give exactly one of prompt or tokens")
@@ -563,19 +576,23 @@ class AsyncClient:
                 "seq": seq, "max_tokens": max_tokens, "stop": list(stop or []),
                 "sampling": sampling_from(sampling), "add_special": add_special,
                 "parse_special": parse_special, "ignore_eos": ignore_eos, "stream": stream,
-                "session": session, "deadline_ms": deadline_ms}
+                "session": session, "deadline_ms": deadline_ms, "logprobs": logprobs}
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        tokens: Sequence[int] | None = None, seq: int | None = None,
                        max_tokens: int = protocol.DEFAULT_MAX_TOKENS, stop: Sequence[str] | str | None = None,
                        add_special: bool = True, parse_special: bool = False,
                        ignore_eos: bool = False, session: str | None = None,
+                       logprobs: int | None = None,
                        timeout: float | None = None, **sampling: Any) -> Completion:
         """Generate a completion. ``sampling`` takes SamplingParams fields
         (temperature=0 is greedy; grammar=GBNF; json_schema=...). ``session``
-        names a conversation whose KV the worker keeps warm and on disk."""
+        names a conversation whose KV the worker keeps warm and on disk.
+        ``logprobs=N`` reports each token's logprob and its N likeliest
+        alternatives in ``Completion.logprobs``."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
-                                   parse_special, ignore_eos, False, session, timeout, sampling)
+                                   parse_special, ignore_eos, False, session, timeout,
+                                   logprobs, sampling)
         return await self._command(model, "generate", Completion, args, timeout)
 
     def stream(self, model: str, prompt: str | None = None, *,
@@ -583,10 +600,13 @@ class AsyncClient:
                max_tokens: int = protocol.DEFAULT_MAX_TOKENS, stop: Sequence[str] | str | None = None,
                add_special: bool = True, parse_special: bool = False,
                ignore_eos: bool = False, session: str | None = None,
+               logprobs: int | None = None,
                timeout: float | None = None, **sampling: Any) -> AsyncStream:
-        """Like :meth:`generate`, but an async iterator of text deltas."""
+        """Like :meth:`generate`, but an async iterator of text deltas (with
+        ``logprobs``, each chunk's entries are appended to ``AsyncStream.logprobs``)."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
-                                   parse_special, ignore_eos, True, session, timeout, sampling)
+                                   parse_special, ignore_eos, True, session, timeout,
+                                   logprobs, sampling)
         return AsyncStream(self, model, args, timeout)
 
     async def kv_pack(self, model: str, seq: int, *, timeout: float | None = None) -> bytes:
@@ -644,30 +664,35 @@ class AsyncClient:
     async def apply_chat_template(self, model: str, messages: Sequence[dict[str, Any]], *,
                                   system: str | None = None, add_generation_prompt: bool = True,
                                   enable_thinking: bool | None = None,
+                                  tools: Sequence[dict[str, Any]] | None = None,
                                   timeout: float | None = None) -> str:
-        """Render messages with the model's chat template."""
+        """Render messages with the model's chat template (``tools``: OpenAI-style
+        function declarations, for templates that take them)."""
         r = await self._command(model, "apply_chat_template", protocol.Prompt, {
             "messages": [dict(m) for m in messages], "system": system,
             "add_generation_prompt": add_generation_prompt,
-            "enable_thinking": enable_thinking}, timeout)
+            "enable_thinking": enable_thinking,
+            "tools": None if tools is None else [dict(t) for t in tools]}, timeout)
         return r.prompt
 
     async def chat(self, model: str, messages: Sequence[dict[str, Any]], *,
                    system: str | None = None, enable_thinking: bool | None = None,
+                   tools: Sequence[dict[str, Any]] | None = None,
                    **kwargs: Any) -> Completion:
         """Render the chat template, then :meth:`generate` from it."""
         prompt = await self.apply_chat_template(model, messages, system=system,
-                                                enable_thinking=enable_thinking)
+                                                enable_thinking=enable_thinking, tools=tools)
         kwargs.setdefault("add_special", False)
         kwargs.setdefault("parse_special", True)
         return await self.generate(model, prompt, **kwargs)
 
     async def chat_stream(self, model: str, messages: Sequence[dict[str, Any]], *,
                           system: str | None = None, enable_thinking: bool | None = None,
+                          tools: Sequence[dict[str, Any]] | None = None,
                           **kwargs: Any) -> AsyncStream:
         """Render the chat template, then :meth:`stream` from it."""
         prompt = await self.apply_chat_template(model, messages, system=system,
-                                                enable_thinking=enable_thinking)
+                                                enable_thinking=enable_thinking, tools=tools)
         kwargs.setdefault("add_special", False)
         kwargs.setdefault("parse_special", True)
         return self.stream(model, prompt, **kwargs)

@@ -196,11 +196,13 @@ class Client:
         return Stream(self, self._run(self._async.chat_stream(model, messages, **kwargs)))
 
     status = _blocking("status")
+    fleet_status = _blocking("fleet_status")
     lookup = _blocking("lookup")
     shutdown_fleet = _blocking("shutdown_fleet")
     call = _blocking("call")
     ping = _blocking("ping")
     info = _blocking("info")
+    metrics = _blocking("metrics")
     tokenize = _blocking("tokenize")
     detokenize = _blocking("detokenize")
     prefill = _blocking("prefill")

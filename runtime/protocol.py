@@ -50,6 +50,7 @@ MAX_STOP_CHARS = 256
 MAX_ADAPTERS = 32
 MAX_EMBED_TEXTS = 256
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128
 MAX_NAME_CHARS = 128
 MAX_PATH_CHARS = 4096
 
@@ -239,6 +240,47 @@ class CompletionStats(Message):
     tokens_per_s: float | None = None
 
 
+@dataclass
+class HistogramData(Message):
+    """A histogram's state: ``counts[i]`` observations fell in ``(bounds[i-1],
+    bounds[i]]``; the last count is the overflow bucket (``+Inf``)."""
+
+    bounds: list[float]
+    counts: list[int]
+    sum: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class WorkerMetrics(Message):
+    """``metrics``: a worker's counters since it started (Prometheus counters reset
+    with a restart) and its gauges now.
+
+    ``histograms`` holds :class:`HistogramData` maps under ``ttft_seconds``,
+    ``inter_token_seconds``, ``e2e_seconds``, ``queue_seconds``,
+    ``prompt_tokens`` and ``generation_tokens``. ``finished`` counts finished
+    generations by finish reason, ``failed`` failed ones by error code."""
+
+    model: str = ""
+    pid: int = 0
+    generation: int = 0
+    requests_running: int = 0
+    requests_waiting: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    kv_used_tokens: int = 0
+    kv_capacity_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 @_nested
 @dataclass
 class Completion(Message):
@@ -261,17 +303,30 @@ class Completion(Message):
     session_saved: bool | None = None
     session_error: str | None = None
     cache: str | None = None
+    #: with ``logprobs``: one :data:`TokenLogprob` map per generated token
+    logprobs: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_wire()
 
 
+#: The shape of one entry of ``logprobs`` (msgpack maps, not a Message, for speed):
+#: ``{"token": int, "bytes": bytes, "logprob": float, "top": [{"token", "bytes",
+#: "logprob"}, ...]}``: the chosen token and the ``logprobs`` most likely ones, by
+#: the model's distribution (log-softmax of the raw logits, before sampling).
+TokenLogprob = dict[str, Any]
+#: the most alternatives ``logprobs`` may ask for (OpenAI's top_logprobs limit)
+MAX_LOGPROBS = 20
+
+
 @dataclass
 class StreamChunk(Message):
-    """One streamed piece of a generation: whole UTF-8 text and its token ids."""
+    """One streamed piece of a generation: whole UTF-8 text and its token ids
+    (and, with ``logprobs``, one :data:`TokenLogprob` per token)."""
 
     text: str
     tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -300,6 +355,21 @@ class WorkerStatus(Message):
     load_progress: float = 0.0
     inflight: int = 0
     uptime_s: float | None = None
+    #: seconds from this generation's start until it was ready
+    load_s: float | None = None
+
+
+@dataclass
+class ServiceStatus(Message):
+    """A supervised service that is not a model worker (the HTTP gateway)."""
+
+    name: str
+    state: str
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+    generation: int = 0
+    url: str | None = None
 
 
 @dataclass
@@ -307,6 +377,8 @@ class FleetStatus(Message):
     workers: list[dict[str, Any]]
     address: str
     pid: int
+    #: :class:`ServiceStatus` maps
+    services: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -343,8 +415,21 @@ class Heartbeat(Message):
     inflight: int = 0
 
 
+@dataclass
+class ServiceBeat(Message):
+    """A supervised service's periodic heartbeat (``state``: ``starting``/``ready``)."""
+
+    name: str
+    pid: int
+    generation: int
+    state: str
+    url: str | None = None
+
+
 #: the environment variable that carries a worker's WorkerSpec (JSON)
 WORKER_SPEC_ENV = "LLAMAFLEET_WORKER_SPEC"
+#: the environment variable that carries the gateway's GatewaySpec (JSON)
+GATEWAY_SPEC_ENV = "LLAMAFLEET_GATEWAY_SPEC"
 
 
 @dataclass
@@ -371,8 +456,34 @@ class WorkerSpec(Message):
     curve_authorized_clients: str | None = None
 
 
+@dataclass
+class GatewaySpec(Message):
+    """What the supervisor tells the HTTP gateway it starts (JSON in
+    $LLAMAFLEET_GATEWAY_SPEC). The listening socket is inherited as ``fd``, so the
+    port stays the same across restarts and connections wait in its backlog."""
+
+    name: str
+    #: ``http`` (the OpenAI API and /metrics) or ``metrics`` (only /metrics, /health)
+    mode: str
+    fd: int
+    url: str
+    supervisor_address: str
+    events_endpoint: str
+    generation: int
+    heartbeat_interval: float
+    log_level: str
+    #: the ``[http]`` table, checked (see config.HTTP_OPTIONS), keys resolved
+    options: dict[str, Any] = field(default_factory=dict)
+    #: the configured models, in order
+    models: list[str] = field(default_factory=list)
+    #: for a tcp:// fleet with CURVE: the server's public key file, a client cert
+    curve_server_key: str | None = None
+    curve_client_cert: str | None = None
+
+
 #: Worker -> supervisor event types, by their wire name.
-EVENTS: dict[str, type[Message]] = {"hello": Hello, "heartbeat": Heartbeat}
+EVENTS: dict[str, type[Message]] = {"hello": Hello, "heartbeat": Heartbeat,
+                                    "service": ServiceBeat}
 
 
 @dataclass(frozen=True)
@@ -450,6 +561,14 @@ def _messages(v: Any) -> str | None:
     return None
 
 
+def _tools(v: Any) -> str | None:
+    if len(v) > MAX_TOOLS:
+        return f"more than {MAX_TOOLS} tools"
+    if not all(isinstance(t, dict) for t in v):
+        return "must be a list of maps"
+    return None
+
+
 def _scales(v: Any) -> str | None:
     if len(v) > MAX_ADAPTERS:
         return f"more than {MAX_ADAPTERS} adapters"
@@ -508,7 +627,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         # keep this conversation's KV warm (and on disk) under a name
         "session": Field(STR, nullable=True, check=_name),
         # the worker gives up (error "timeout") this many ms after receiving it
-        "deadline_ms": Field(INT, nullable=True, check=_nonneg)},
+        "deadline_ms": Field(INT, nullable=True, check=_nonneg),
+        # report each token's logprob and this many alternatives (None: none)
+        "logprobs": Field(INT, nullable=True, check=lambda v: None if 0 <= v <= MAX_LOGPROBS
+                          else f"must be in 0..{MAX_LOGPROBS}")},
         streaming=True, one_of=("prompt", "tokens"), reply=Completion),
     Command("kv_pack", "worker", {"seq": _SEQ}, reply=KvBlob),
     Command("kv_unpack", "worker", {
@@ -537,8 +659,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         "messages": Field(LIST, required=True, check=_messages),
         "system": Field(STR, nullable=True, check=_max_len(MAX_TEXT_CHARS)),
         "add_generation_prompt": Field(BOOL, default=True),
-        "enable_thinking": Field(BOOL, nullable=True)}, reply=Prompt),
+        "enable_thinking": Field(BOOL, nullable=True),
+        # OpenAI-style tool declarations, given to the template as ``tools``
+        "tools": Field(LIST, nullable=True, check=_tools)}, reply=Prompt),
     Command("cancel", "worker", {"target": Field(INT, required=True)}, reply=CancelResult),
+    Command("metrics", "worker", reply=WorkerMetrics),
     # supervisor commands
     Command("lookup", "supervisor", {
         "model": Field(STR, required=True, check=_name),
@@ -626,8 +751,10 @@ def result(req_id: Any, value: Message) -> bytes:
 
 def chunk(req_id: Any, data: StreamChunk) -> bytes:
     """Encode one streamed piece of a reply."""
-    return pack({"v": PROTOCOL_VERSION, "id": req_id, "kind": "chunk",
-                 "data": {"text": data.text, "tokens": data.tokens}})
+    body: dict[str, Any] = {"text": data.text, "tokens": data.tokens}
+    if data.logprobs is not None:
+        body["logprobs"] = data.logprobs
+    return pack({"v": PROTOCOL_VERSION, "id": req_id, "kind": "chunk", "data": body})
 
 
 def error(req_id: Any, err: LlamafleetError) -> bytes:

@@ -56,6 +56,8 @@ class Generation:
         self.ignore_eos = ignore_eos
         self.deadline = deadline
         self.session = session
+        #: when the last token was sampled (perf_counter; for inter-token latency)
+        self.t_last_token: float | None = None
         #: the caller named this sequence (it keeps its KV afterwards)
         self.explicit_seq = seq is not None
         self.seq: int | None = seq

@@ -79,6 +79,21 @@ def info(w: Worker, a: Args, caller: Key) -> protocol.Info:
         cache=w.cache.stats() if w.cache is not None else None)
 
 
+@handles("metrics")
+def metrics(w: Worker, a: Args, caller: Key) -> protocol.WorkerMetrics:
+    b, sched = w.loaded()
+    c = sched.counters
+    return protocol.WorkerMetrics(
+        model=w.spec.model, pid=os.getpid(), generation=w.spec.generation,
+        requests_running=len(sched.running), requests_waiting=len(sched.queue),
+        prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
+        generated_tokens=c.generated_tokens, prefix_cache_queries=c.prefix_cache_queries,
+        prefix_cache_hits=c.prefix_cache_hits,
+        kv_used_tokens=sum(b.seq_len(s) for s in range(b.info().n_seq_max)),
+        kv_capacity_tokens=b.info().n_ctx, finished=dict(c.finish_reasons),
+        failed=dict(c.error_codes), histograms=c.histogram_wire())
+
+
 @handles("tokenize")
 def tokenize(w: Worker, a: Args, caller: Key) -> protocol.Tokens:
     b, _ = w.loaded()
@@ -203,7 +218,7 @@ def apply_chat_template(w: Worker, a: Args, caller: Key) -> protocol.Prompt:
         messages = [{"role": "system", "content": a["system"]}] + messages
     return protocol.Prompt(prompt=b.apply_chat_template(
         messages, add_generation_prompt=a["add_generation_prompt"],
-        enable_thinking=a["enable_thinking"]))
+        enable_thinking=a["enable_thinking"], tools=a["tools"]))
 
 
 @handles("generate")
@@ -221,6 +236,8 @@ def generate(w: Worker, a: Args, caller: Key) -> None:
         prompt_tokens = b.tokenize(a["prompt"], a["add_special"], a["parse_special"])
     params = w.sampling(a["sampling"])
     mi = b.info()
+    if a["logprobs"] is not None and "logprobs" not in mi.features:
+        raise NotSupported(f"the {mi.backend} backend does not report logprobs")
     in_use = 0
     if a["seq"] is not None:
         w.check_seq(a["seq"])

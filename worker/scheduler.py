@@ -34,6 +34,7 @@ from llamafleet.runtime.errors import (
 )
 from llamafleet.runtime.protocol import Completion, StreamChunk
 from llamafleet.worker.generation import Generation
+from llamafleet.worker.metrics import WorkerCounters
 from llamafleet.worker.prefix_cache import CacheHit, common_prefix_tokens, tok_bytes
 
 log = logging.getLogger("llamafleet.worker.scheduler")
@@ -73,6 +74,8 @@ class Scheduler:
         #: seconds over which streamed deltas are coalesced (0: one chunk per token)
         self.stream_interval = stream_interval
         self._send = send
+        #: what /metrics reports (see worker.metrics)
+        self.counters = WorkerCounters()
         self.queue: deque[Generation] = deque()
         self.running: dict[Key, Generation] = {}
         self.seq_owner: dict[int, Key] = {}
@@ -222,6 +225,7 @@ class Scheduler:
         least = max(1, self.cache.min_tokens)
         hits = [h for h in found if h is not None and h.common >= least]
         if not hits:
+            self.counters.cache_query(hit=False)
             return
         hit = max(hits, key=lambda h: h.common)
         assert g.seq is not None
@@ -232,7 +236,9 @@ class Scheduler:
         except LlamafleetError as exc:
             log.warning("prefix cache entry not restorable (%s); prefilling instead", exc)
             self.backend.seq_clear(g.seq)
+            self.counters.cache_query(hit=False)
             return
+        self.counters.cache_query(hit=True)
         g.pending = list(prompt[hit.common:])
         g.stats.cached_tokens = hit.common
         g.cache_tier = hit.tier
@@ -347,6 +353,11 @@ class Scheduler:
             token = b.sample(g.seq)
             piece = b.token_to_piece(token, special=False) if token is not None else b""
             delta = g.on_token(token, token is not None and b.is_eog(token), piece)
+            if token is not None:
+                now = time.perf_counter()
+                if g.t_last_token is not None:
+                    self.counters.token_gap(now - g.t_last_token)
+                g.t_last_token = now
         except LlamafleetError as exc:
             self._fail(g, exc)
             return
@@ -394,10 +405,13 @@ class Scheduler:
         self.running.pop(g.key, None)
         self._publish(g)
         self._release(g)
-        self._send(g.peer, g.req_id, g.result())
+        result = g.result()
+        self.counters.finished(result.finish_reason, result.stats)
+        self._send(g.peer, g.req_id, result)
 
     def _fail(self, g: Generation, err: LlamafleetError, notify: bool = True) -> None:
         g.end("error")
+        self.counters.failed(err.code)
         if self.running.pop(g.key, None) is not None:
             self._release(g)
         if notify:

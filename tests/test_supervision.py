@@ -229,7 +229,7 @@ def test_serve_cli_status_generate_and_sigterm(short_dir: Path) -> None:
             pids = [w["pid"] for w in c.status()]
         st = _cli("status", "--json", "--address", addr)
         assert st.returncode == 0, st.stderr
-        workers = json.loads(st.stdout)
+        workers = json.loads(st.stdout)["workers"]
         assert {w["model"] for w in workers} == {"tiny", "other"}
         for w in workers:
             assert {"model", "pid", "state", "restarts", "last_exit"} <= set(w)

@@ -26,6 +26,7 @@ from llamafleet.runtime import fields
 from llamafleet.runtime.errors import BadRequest, NotSupported
 from llamafleet.runtime.fields import Field
 from llamafleet.runtime.protocol import ModelInfo as ModelInfo
+from llamafleet.runtime.protocol import TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
 
 #: Called during model loading with a fraction in [0, 1].
@@ -143,6 +144,13 @@ class Backend(ABC):
         Returns ``None`` when the grammar admits no further token (the caller
         ends the generation cleanly). Raises BadRequest if the sequence has no
         logits (nothing evaluated yet)."""
+
+    def token_logprob(self, seq: int, token: int, top_n: int) -> TokenLogprob:
+        """The logprob of ``token``, just sampled for ``seq``, and the ``top_n`` likeliest
+        tokens of that step (a protocol.TokenLogprob map): the log-softmax of the
+        model's raw logits, before sampling. Backends that list ``logprobs`` in
+        ``info().features`` implement it; it is called right after :meth:`sample`."""
+        raise NotSupported(f"{self.name} backend does not report logprobs")
 
     @abstractmethod
     def seq_clear(self, seq: int) -> None:

@@ -42,6 +42,7 @@ from llamafleet.backends.base import Backend, ModelInfo, ProgressCallback
 from llamafleet.backends.chat_template import CHATML_TEMPLATE, render_chat_template
 from llamafleet.runtime.errors import BadRequest, Cancelled, NotFound
 from llamafleet.runtime.fields import Field
+from llamafleet.runtime.protocol import TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
 
 BOS, EOS, BYTE0 = 0, 1, 2
@@ -139,7 +140,8 @@ class FakeBackend(Backend):
                          n_params=0, n_vocab=N_VOCAB, n_ctx=self.n_ctx, n_ctx_train=self.n_ctx,
                          n_batch=self.n_batch, n_seq_max=self.n_seq_max, n_embd=self.n_embd,
                          bos_token=BOS, eos_token=EOS, chat_template=self.template,
-                         features=["kv", "grammar", "lora", "embeddings", "chat_template"])
+                         features=["kv", "grammar", "lora", "embeddings", "chat_template",
+                                   "logprobs"])
 
     # -- vocabulary --------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True,
@@ -258,6 +260,18 @@ class FakeBackend(Backend):
             scores[BYTE0 + b] = rng.uniform(0.0, 4.0)
         scores[EOS] = rng.uniform(0.0, 4.0) - 0.6
         return scores
+
+    def token_logprob(self, seq: int, token: int, top_n: int) -> TokenLogprob:
+        scores = self.logits(seq)
+        peak = max(scores)
+        lse = peak + math.log(sum(math.exp(x - peak) for x in scores))
+
+        def entry(t: int) -> TokenLogprob:
+            return {"token": t, "bytes": self.token_to_piece(t, special=True),
+                    "logprob": scores[t] - lse}
+
+        top = sorted(range(N_VOCAB), key=lambda t: (-scores[t], t))[:top_n]
+        return {**entry(token), "top": [entry(t) for t in top]}
 
     def sample(self, seq: int) -> int | None:
         s = self._seq(seq)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from llamafleet.runtime.protocol import Completion, CompletionStats
+from llamafleet.runtime.protocol import Completion, CompletionStats, TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
 from llamafleet.worker.textstream import TextStream
 
@@ -46,7 +46,7 @@ class Generation:
     def __init__(self, *, peer: bytes, req_id: int, stream: bool, prompt_tokens: list[int],
                  params: SamplingParams, max_tokens: int, stop: list[str], ignore_eos: bool,
                  seq: int | None, deadline: float | None, session: str | None,
-                 model: str = "") -> None:
+                 model: str = "", logprobs: int | None = None) -> None:
         self.peer = peer
         self.req_id = req_id
         self.stream = stream
@@ -56,6 +56,12 @@ class Generation:
         self.ignore_eos = ignore_eos
         self.deadline = deadline
         self.session = session
+        #: report logprobs with this many alternatives (None: none)
+        self.logprobs = logprobs
+        #: one TokenLogprob per token of ``tokens`` (with ``logprobs``), and those not
+        #: streamed yet
+        self.token_logprobs: list[TokenLogprob] = []
+        self.out_logprobs: list[TokenLogprob] = []
         #: when the last token was sampled (perf_counter; for inter-token latency)
         self.t_last_token: float | None = None
         #: the caller named this sequence (it keeps its KV afterwards)
@@ -139,4 +145,5 @@ class Generation:
                           seq=self.seq if self.explicit_seq else None,
                           stats=self.stats.to_wire(), model=self.model, session=self.session,
                           session_saved=self.session_saved, session_error=self.session_error,
-                          cache=self.cache_tier)
+                          cache=self.cache_tier,
+                          logprobs=None if self.logprobs is None else list(self.token_logprobs))

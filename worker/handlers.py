@@ -257,7 +257,7 @@ def generate(w: Worker, a: Args, caller: Key) -> None:
         peer=caller[0], req_id=caller[1], stream=a["stream"], prompt_tokens=prompt_tokens,
         params=params, max_tokens=min(a["max_tokens"], mi.n_ctx - in_use - len(prompt_tokens)),
         stop=a["stop"], ignore_eos=a["ignore_eos"], seq=a["seq"], deadline=deadline,
-        session=a["session"], model=w.spec.model))
+        session=a["session"], model=w.spec.model, logprobs=a["logprobs"]))
     return None
 
 

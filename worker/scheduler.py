@@ -353,6 +353,11 @@ class Scheduler:
             token = b.sample(g.seq)
             piece = b.token_to_piece(token, special=False) if token is not None else b""
             delta = g.on_token(token, token is not None and b.is_eog(token), piece)
+            if g.logprobs is not None and token is not None and len(g.tokens) > n_before:
+                entry = b.token_logprob(g.seq, token, g.logprobs)
+                g.token_logprobs.append(entry)
+                if g.stream:
+                    g.out_logprobs.append(entry)
             if token is not None:
                 now = time.perf_counter()
                 if g.t_last_token is not None:
@@ -377,8 +382,10 @@ class Scheduler:
 
     def _flush(self, g: Generation, now: float) -> None:
         if g.out_text or g.out_tokens:
-            self._send(g.peer, g.req_id, StreamChunk(text=g.out_text, tokens=g.out_tokens))
-            g.out_text, g.out_tokens = "", []
+            self._send(g.peer, g.req_id, StreamChunk(
+                text=g.out_text, tokens=g.out_tokens,
+                logprobs=None if g.logprobs is None else g.out_logprobs))
+            g.out_text, g.out_tokens, g.out_logprobs = "", [], []
         g.last_flush = now
 
     def _expire(self) -> None:

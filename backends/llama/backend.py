@@ -43,6 +43,7 @@ from llamafleet.backends.llama.options import (
 from llamafleet.backends.llama.sampler import SeqSampler, compile_grammar, recommended_sampling, seed_for
 from llamafleet.backends.llama.sequences import Sequences
 from llamafleet.runtime.errors import BadRequest, NotFound, NotSupported
+from llamafleet.runtime.protocol import TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
 
 #: batches of at most this many tokens (given as lists of ints) skip numpy
@@ -166,7 +167,7 @@ class LlamaBackend(Backend):
         self.architecture = model.meta("general.architecture") or ""
         name = self._name_opt or model.meta("general.name") or \
             os.path.splitext(os.path.basename(self.path))[0]
-        features = ["kv", "grammar", "json_schema", "lora", "embeddings"]
+        features = ["kv", "grammar", "json_schema", "lora", "embeddings", "logprobs"]
         if tmpl:
             features.append("chat_template")
         return ModelInfo(
@@ -414,6 +415,22 @@ class LlamaBackend(Backend):
         grammar = compile_grammar(self._model, p)
         return SeqSampler(self._model, self._cand, p, grammar, history=self._tokens, seq=seq,
                           n_ctx=self.n_ctx, seed=seed_for(p.seed, self.seed_opt))
+
+    def token_logprob(self, seq: int, token: int, top_n: int) -> TokenLogprob:
+        self._need()
+        row = self._logits[self._check_seq(seq)].astype(np.float64)
+        peak = row.max()
+        logp = row - (peak + np.log(np.exp(row - peak).sum()))
+
+        def entry(t: int) -> TokenLogprob:
+            return {"token": t, "bytes": self.token_to_piece(t, special=True),
+                    "logprob": float(logp[t])}
+
+        top: list[int] = []
+        if top_n > 0:
+            idx = np.argpartition(-logp, top_n - 1)[:top_n]
+            top = [int(t) for t in idx[np.lexsort((idx, -logp[idx]))]]
+        return {**entry(token), "top": [entry(t) for t in top]}
 
     def sample(self, seq: int) -> int | None:
         self._need()

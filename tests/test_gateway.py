@@ -449,3 +449,20 @@ def test_serve_http_prints_the_base_url(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(30)
     assert time.monotonic() > 0
+
+
+def test_auto_tools_reach_the_template_and_plain_replies_still_stream(
+        oai: openai.OpenAI, gw: Supervisor) -> None:
+    tools: Any = [{"type": "function", "function": {
+        "name": "lookup_weather", "parameters": {"type": "object", "properties": {}}}}]
+    with Client(gw.address) as c:
+        prompt = c.apply_chat_template("tiny", CHAT, tools=tools)
+    assert "lookup_weather" in prompt  # the fake's template has no tools: a system message
+    whole = oai.chat.completions.create(model="tiny", messages=CHAT, tools=tools,
+                                        max_tokens=12, **GREEDY)
+    assert whole.choices[0].message.tool_calls is None
+    chunks = [ch for ch in oai.chat.completions.create(
+        model="tiny", messages=CHAT, tools=tools, max_tokens=12, stream=True, **GREEDY)]
+    contents = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
+    assert "".join(contents) == whole.choices[0].message.content
+    assert len(contents) > 1 or len(whole.choices[0].message.content or "") <= 1

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: repository folder -> the package it installs as
 PACKAGES = {"runtime": "llamafleet.runtime", "worker": "llamafleet.worker",
             "client": "llamafleet.client", "backends": "llamafleet.backends",
-            "llamafleet/bench": "llamafleet.bench", "llamafleet/testing": "llamafleet.testing"}
+            "llamafleet/bench": "llamafleet.bench", "llamafleet/testing": "llamafleet.testing",
+            "llamafleet/gateway": "llamafleet.gateway"}
 
 
 def imports_of(folder: str) -> dict[str, set[str]]:
@@ -36,17 +37,24 @@ def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
             if any(m == p or m.startswith(p + ".") for p in forbidden)]
 
 
+#: the HTTP stack: only the gateway (on top) may use it
+HTTP = ("starlette", "uvicorn", "pydantic", "prometheus_client")
+
+
 @pytest.mark.parametrize("folder,forbidden", [
     ("runtime", ("llamafleet.client", "llamafleet.worker", "llamafleet.backends",
-                 "llamafleet.cli", "llamafleet.bench", "llamafleet.testing")),
+                 "llamafleet.cli", "llamafleet.bench", "llamafleet.testing",
+                 "llamafleet.gateway", *HTTP)),
     ("client", ("llamafleet.worker", "llamafleet.backends", "llamafleet.cli",
-                "llamafleet.bench", "llamafleet.testing")),
+                "llamafleet.bench", "llamafleet.testing", "llamafleet.gateway", *HTTP)),
     ("worker", ("llamafleet.client", "llamafleet.cli", "llamafleet.bench",
-                "llamafleet.testing")),
+                "llamafleet.testing", "llamafleet.gateway", *HTTP)),
     ("backends", ("llamafleet.client", "llamafleet.worker", "llamafleet.cli",
-                  "llamafleet.bench", "llamafleet.testing", "zmq")),
-    ("llamafleet/bench", ("llamafleet.cli",)),
-    ("llamafleet/testing", ("llamafleet.cli", "llamafleet.bench")),
+                  "llamafleet.bench", "llamafleet.testing", "llamafleet.gateway", "zmq", *HTTP)),
+    ("llamafleet/gateway", ("llamafleet.worker", "llamafleet.backends", "llamafleet.cli",
+                            "llamafleet.bench", "llamafleet.testing")),
+    ("llamafleet/bench", ("llamafleet.cli", "llamafleet.gateway")),
+    ("llamafleet/testing", ("llamafleet.cli", "llamafleet.bench", "llamafleet.gateway")),
 ])
 def test_dependencies_run_one_way(folder: str, forbidden: tuple[str, ...]) -> None:
     assert offenders(folder, forbidden) == []

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafleet.bench import peers
+from llamafleet.bench.http import phase_http
 from llamafleet.client import AsyncClient, Client
 from llamafleet.runtime.config import Config, SupervisorConfig, default_model_path
 from llamafleet.runtime.errors import LlamafleetError
@@ -116,7 +117,7 @@ def tiny_model(directory: Path) -> Path:
 
 # ---------------------------------------------------------------------- fleets
 def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
-                n_seq_max: int, transport: str = "ipc") -> Any:
+                n_seq_max: int, transport: str = "ipc", http: bool = False) -> Any:
     rd = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))
     stack.callback(shutil.rmtree, rd, True)
     sup_cfg: dict[str, Any] = {"runtime_dir": str(rd), **FLEET_SETTINGS}
@@ -124,9 +125,12 @@ def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
         sup_cfg.update(transport="tcp", address="tcp://127.0.0.1:*")
         # loopback only; CURVE (encryption) is not measured here
         sup_cfg["insecure_tcp"] = True
-    cfg = Config.from_dict({"supervisor": sup_cfg, "models": {MODEL: {
+    raw: dict[str, Any] = {"supervisor": sup_cfg, "models": {MODEL: {
         "backend": "llama", "path": str(model_path), "n_ctx": n_ctx, "n_seq_max": n_seq_max,
-        "n_threads": threads, "n_threads_batch": threads}}})
+        "n_threads": threads, "n_threads_batch": threads}}}
+    if http:
+        raw["http"] = {"listen": "127.0.0.1:0"}
+    cfg = Config.from_dict(raw)
     sup = Supervisor(cfg).start()
     stack.callback(sup.stop)
     sup.wait_ready(timeout=FLEET_SETTINGS["startup_timeout"])
@@ -458,7 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"{args.threads} threads, n_ctx {args.n_ctx}")
         progress("starting the fleet (n_seq_max 8, ipc)")
         t = time.perf_counter()
-        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8)
+        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8, http=True)
         progress(f"fleet ready in {time.perf_counter() - t:.2f} s")
 
         result: dict[str, Any] = {
@@ -483,6 +487,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["llama_server"] = None
                 result["llama_server_error"] = str(exc)
         result["rtt_us"] = phase_rtt(sup, stack, model, args.threads, args.n_ctx, q)
+        result["http"] = phase_http(sup, MODEL, PROMPT, q, progress, str(model), args.threads,
+                                    args.n_ctx)
         result["kv"] = phase_kv(sup, q)
         rec = phase_recovery(sup, q)
         result["recovery_s"] = rec.pop("recovery_s")
@@ -516,6 +522,13 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
         "c8_vs_llama_server": g(c8 / ls["tokens_per_s"] if ls and c8 else None, ">= 1x",
                                 None if not (ls and c8) else c8 >= ls["tokens_per_s"]),
         "kv_restore_speedup": g(r["kv"]["speedup"], ">= 10x", r["kv"]["speedup"] >= 10),
+        "http_single_stream_vs_client": g(
+            r["http"]["single_stream"]["ratio"], ">= 0.97",
+            None if r["http"]["single_stream"]["ratio"] is None
+            else r["http"]["single_stream"]["ratio"] >= 0.97),
+        "http_c8_vs_llama_server": g(r["http"]["c8_vs_llama_server"], ">= 1x",
+                                     None if r["http"]["c8_vs_llama_server"] is None
+                                     else r["http"]["c8_vs_llama_server"] >= 1.0),
         "recovery_s": g(r["recovery_s"], "< 2 s", r["recovery_s"] < 2.0),
     }
 
@@ -576,6 +589,17 @@ def table(r: dict[str, Any]) -> str:
         "",
         f"ping RTT   ipc p50 {rtt['ipc_p50']:.0f} us  p99 {rtt['ipc_p99']:.0f} us   "
         f"tcp p50 {rtt['tcp_p50']:.0f} us  p99 {rtt['tcp_p99']:.0f} us",
+        "",
+        "HTTP gateway (OpenAI API, SSE)",
+        f"  single stream HTTP / Python client  "
+        f"{_f(r['http']['single_stream']['ratio'], '{:.3f}')}  "
+        f"(median of {r['http']['rounds']} interleaved rounds; "
+        f"{mark('http_single_stream_vs_client')})",
+        f"  8 HTTP streaming clients  {r['http']['c8']['tokens_per_s']:.1f} tok/s   "
+        f"vs llama-server -np 8: {_f(r['http']['c8_vs_llama_server'], '{:.2f}')}x  "
+        f"({mark('http_c8_vs_llama_server')})",
+        f"  small request (POST /tokenize)  p50 {r['http']['small_request_us']['p50']:.0f} us  "
+        f"p99 {r['http']['small_request_us']['p99']:.0f} us",
         "",
         f"KV ({kv['prefix_tokens']}-token prefix, blob {kv['blob_bytes'] / 1e6:.1f} MB)",
         f"  re-prefill {kv['reprefill_ms']:.1f} ms   restore {kv['restore_ms']:.1f} ms   "

@@ -313,7 +313,7 @@ class Gateway:
         if req.top_logprobs is not None and not req.logprobs:
             raise tr.bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         kwargs = dict(max_tokens=tr.max_tokens_of(req, req.max_completion_tokens),
-                      stop=tr.stops_of(req), session=req.session,
+                      stop=tr.stops_of(req), session=req.session, ignore_eos=req.ignore_eos,
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                       timeout=self.settings.request_timeout,
                       add_special=False, parse_special=True,
@@ -341,24 +341,31 @@ class Gateway:
                   lp: list[dict[str, Any]] | None = None) -> bytes:
             return sse(tr.chat_chunk(cid, created, model, delta, finish, lp, include_usage))
 
+        # a reply that may be a tool call is held back and sent whole at the end; with
+        # tool_choice "auto" only while it still looks like one (a JSON object)
+        holding = bool(plan.names)
         try:
             yield chunk({"role": "assistant", "content": ""})
             buffered: list[str] = []
             pending = first
             while pending is not None:
-                lp = None
-                if logprobs:
-                    lp = tr.chat_logprobs(stream.logprobs[sent_lp:])
-                    sent_lp = len(stream.logprobs)
-                if plan.names:
-                    buffered.append(pending)  # a tool call is sent whole, at the end
-                else:
+                if holding:
+                    buffered.append(pending)
+                    head = "".join(buffered).lstrip()
+                    if not plan.forced and head and not head.startswith(("{", "[")):
+                        holding = False
+                        pending, buffered = "".join(buffered), []
+                if not holding:
+                    lp = None
+                    if logprobs:
+                        lp = tr.chat_logprobs(stream.logprobs[sent_lp:])
+                        sent_lp = len(stream.logprobs)
                     yield chunk({"content": pending}, lp=lp)
                 pending = await _next(stream)
             c = stream.result
             assert c is not None
             reason = tr.finish_reason(c)
-            if plan.names:
+            if holding:
                 calls = tr.parse_tool_calls("".join(buffered), plan.names)
                 if calls is not None:
                     yield chunk({"tool_calls": [dict(call, index=i)
@@ -401,7 +408,7 @@ class Gateway:
             raise tr.bad_request("prompt must not be empty", "prompt")
         schema = tr.schema_of(req.response_format, req.json_schema)
         kwargs = dict(max_tokens=tr.max_tokens_of(req, 16), stop=tr.stops_of(req),
-                      session=req.session, logprobs=req.logprobs,
+                      ignore_eos=req.ignore_eos, session=req.session, logprobs=req.logprobs,
                       timeout=self.settings.request_timeout, **tr.sampling_of(req, schema))
 
         def args(prompt: str | list[int]) -> dict[str, Any]:

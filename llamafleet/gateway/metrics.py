@@ -11,6 +11,7 @@ are ordinary prometheus_client metrics in the same registry. Every series has a
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,12 +23,19 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from llamafleet.client import AsyncClient
 from llamafleet.runtime.errors import LlamafleetError
 from llamafleet.runtime.protocol import HistogramData, WorkerMetrics
 
+log = logging.getLogger("llamafleet.gateway.metrics")
+
 PREFIX = "llamafleet_"
+#: ``llamafleet_http_request_duration_seconds`` buckets: a generation (a stream above
+#: all) may take minutes, past prometheus_client's default top bucket of 10 s
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                60.0, 120.0, 300.0, float("inf"))
 #: the worker states ``llamafleet_worker_state`` always reports (1 for the current one)
 WORKER_STATES = ("starting", "restarting", "ready", "failed", "stopped")
 #: worker histogram name -> (metric name, help)
@@ -53,7 +61,8 @@ COUNTERS = {
 
 
 class Snapshot:
-    """What the last refresh saw."""
+    """What the last refresh saw: the supervisor's worker status maps and the
+    ``metrics`` replies of the workers that answered, by model."""
 
     def __init__(self) -> None:
         self.workers: list[dict[str, Any]] = []
@@ -61,6 +70,8 @@ class Snapshot:
 
 
 class _FleetCollector(Collector):
+    """Metric families built from the owner's last snapshot at every scrape."""
+
     def __init__(self, owner: FleetMetrics) -> None:
         self.owner = owner
 
@@ -125,15 +136,20 @@ class _FleetCollector(Collector):
 
 def cumulative_buckets(h: HistogramData) -> list[tuple[str, float]]:
     """Prometheus' cumulative ``le`` buckets from per-bucket counts."""
+    if len(h.counts) != len(h.bounds) + 1:
+        raise ValueError(f"histogram of {len(h.bounds)} bounds has {len(h.counts)} counts")
     out, total = [], 0
     for bound, n in zip([*h.bounds, float("inf")], h.counts):
         total += n
-        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(total)))
+        out.append((floatToGoString(bound), float(total)))
     return out
 
 
 class FleetMetrics:
-    """The registry behind ``/metrics``: the fleet's snapshot plus HTTP metrics."""
+    """The registry behind ``/metrics``: the fleet's snapshot plus HTTP metrics.
+
+    ``models`` are the models exported (the gateway's); empty: every worker in
+    ``status``."""
 
     def __init__(self, client: AsyncClient, models: list[str]) -> None:
         self.client = client
@@ -147,23 +163,29 @@ class FleetMetrics:
         self._http_seconds = Histogram(
             PREFIX + "http_request_duration_seconds",
             "Time from an HTTP request's arrival to its last byte.",
-            ["model", "endpoint"], registry=self.registry)
+            ["model", "endpoint"], buckets=HTTP_BUCKETS, registry=self.registry)
 
     async def refresh(self, timeout: float = 2.0) -> None:
         """Ask the supervisor and every ready worker for their numbers (a worker that
         does not answer within ``timeout`` is left out of this scrape)."""
         snap = Snapshot()
         try:
-            snap.workers = await self.client.status(timeout=timeout)
-        except LlamafleetError:
+            workers = await self.client.status(timeout=timeout)
+        except LlamafleetError as exc:
+            log.warning("metrics: no status from the supervisor (%s)", exc)
             self.snapshot = snap
             return
+        wanted = set(self.models)
+        snap.workers = [w for w in workers if not wanted or w["model"] in wanted]
         ready = [w["model"] for w in snap.workers if w["state"] == "ready"]
 
         async def one(model: str) -> WorkerMetrics | None:
             try:
                 return await self.client.metrics(model, timeout=timeout)
-            except LlamafleetError:
+            except LlamafleetError:  # gone, restarting or too slow: not in this scrape
+                return None
+            except Exception:  # a bug must not break /metrics for every other model
+                log.exception("metrics of %s", model)
                 return None
 
         for model, m in zip(ready, await asyncio.gather(*(one(m) for m in ready))):

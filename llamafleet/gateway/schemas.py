@@ -4,7 +4,7 @@ Every model refuses unknown fields (OpenAI answers 400 to an unrecognized argume
 fields OpenAI defines that change nothing here (``user``, ``metadata``, ``store``,
 ``service_tier``, ``parallel_tool_calls``) are accepted and ignored. Bounds follow
 OpenAI's where it has them; llama.cpp's extras (``top_k``, ``min_p``,
-``repeat_penalty``, ``grammar``) and ours (``session``) are accepted too.
+``repeat_penalty``, ``grammar``, ``ignore_eos``) and ours (``session``) are accepted too.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class Sampled(Strict):
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
     repeat_penalty: Annotated[Number, Field(gt=0, le=100)] | None = None
     grammar: StrictStr | None = None
+    ignore_eos: StrictBool = False
     # ours
     session: StrictStr | None = None
     #: the on-demand lifecycle is not in this version: refused with not_supported

@@ -1,0 +1,122 @@
+"""The gateway's figures for ``llamafleet bench``: single-stream tokens/s through HTTP as a
+ratio to the Python client (interleaved rounds, same prompt), 8 concurrent HTTP streaming
+clients (beside ``llama-server -np 8`` when it is built), and small-request latency."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from llamafleet.bench import peers
+from llamafleet.client import Client
+
+TOPICS = ("a lighthouse", "a robot", "the sea", "a city", "a forest", "the moon", "a train",
+          "a garden")
+
+
+def sse_stream(http: httpx.Client, url: str, model: str, prompt: str,
+               max_tokens: int) -> dict[str, Any]:
+    """One greedy streamed completion over HTTP, timed like the Python client's."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    t_first = t_last = None
+    chunks_first = chunks = 0
+    tokens = 0
+    with http.stream("POST", url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                raise RuntimeError(obj["error"]["message"])
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+                continue
+            if obj["choices"] and obj["choices"][0]["text"]:
+                now = time.perf_counter()
+                chunks += 1
+                if t_first is None:
+                    t_first, chunks_first = now, chunks
+                t_last = now
+    t_end = time.perf_counter()
+    return {"tokens": tokens, "ttft_s": (t_first or t_end) - t0, "wall_s": t_end - t0,
+            "t_first": t_first, "t_last": t_last, "chunks_after_first": chunks - chunks_first}
+
+
+def _client_tps(n: int, t_first: float | None, t_last: float | None) -> float | None:
+    # tokens after the first over the time after the first: the decode rate the caller sees
+    return (n - 1) / (t_last - t_first) if t_first and t_last and t_last > t_first else None
+
+
+def python_stream(c: Client, model: str, prompt: str, max_tokens: int) -> float | None:
+    t_first = t_last = None
+    s = c.stream(model, prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for _ in s:
+        now = time.perf_counter()
+        t_first = t_first or now
+        t_last = now
+    assert s.result is not None
+    return _client_tps(len(s.result.tokens), t_first, t_last)
+
+
+def phase_http(sup: Any, model: str, prompt: str, q: dict[str, Any],
+               progress: Callable[[str], None], model_path: str, threads: int,
+               n_ctx: int) -> dict[str, Any]:
+    url = sup.http_url
+    assert url is not None
+    n, rounds = q["tokens"], max(3, q["rounds"])
+    out: dict[str, Any] = {"url": url, "tokens": n, "rounds": rounds}
+    with Client(sup.address) as c, httpx.Client(timeout=600) as http:
+        python_stream(c, model, prompt, 16)
+        sse_stream(http, url, model, prompt, 16)
+        ours, via_http = [], []
+        for r in range(rounds):  # interleaved: the machine's drift hits both alike
+            progress(f"http: round {r + 1}/{rounds}: Python client, then HTTP ({n} tokens)")
+            ours.append(python_stream(c, model, prompt, n))
+            h = sse_stream(http, url, model, prompt, n)
+            via_http.append(_client_tps(h["tokens"], h["t_first"], h["t_last"]))
+        ratios = [h / o for h, o in zip(via_http, ours) if h and o]
+        out["single_stream"] = {
+            "python_tokens_per_s": ours, "http_tokens_per_s": via_http,
+            "ratio": statistics.median(ratios) if ratios else None,
+            "ratio_spread": [min(ratios), max(ratios)] if ratios else None}
+
+        def one(i: int, r: int) -> dict[str, Any]:
+            topic = TOPICS[(i + r * 8) % len(TOPICS)]
+            return sse_stream(http, url, model, f"Request {r} from client {i}. Write a short "
+                              f"story about {topic}.", q["conc_tokens"])
+
+        progress(f"http: 8 streaming clients x {q['requests_per_client']} request(s)")
+        out["c8"] = peers.concurrent_run(one, 8, q["requests_per_client"])
+        lat = []
+        progress(f"http: {q['pings']} small requests (POST /tokenize)")
+        for i in range(q["pings"] + 50):
+            t = time.perf_counter()
+            http.post(url + "/tokenize", json={"model": model, "content": "hi"}).raise_for_status()
+            if i >= 50:
+                lat.append((time.perf_counter() - t) * 1e6)
+        lat.sort()
+        out["small_request_us"] = {"p50": lat[len(lat) // 2],
+                                   "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+                                   "request": "POST /tokenize {content: 'hi'}, keep-alive"}
+    binary = peers.find_llama_server()
+    out["llama_server_c8"] = None
+    if binary is not None and not q["quick"]:
+        progress("http: llama-server -np 8, 8 HTTP clients")
+        with peers.LlamaServer(binary, model_path, threads, 8, n_ctx) as srv:
+            srv.stream(prompt, 16)
+            out["llama_server_c8"] = peers.concurrent_run(
+                lambda i, r: srv.stream(f"Request {r} from client {i}. Write a short story "
+                                        f"about {TOPICS[(i + r * 8) % 8]}.", q["conc_tokens"]),
+                8, q["requests_per_client"])
+    ls = out["llama_server_c8"]
+    out["c8_vs_llama_server"] = (out["c8"]["tokens_per_s"] / ls["tokens_per_s"]
+                                 if ls and ls.get("tokens_per_s") else None)
+    return out

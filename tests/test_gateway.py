@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,7 +287,8 @@ def test_context_overflow_says_what_fits(url: str) -> None:
 def test_worker_crash_mid_stream_is_an_sse_error_then_the_model_serves_again(
         url: str, gw: Supervisor) -> None:
     pid = worker_pid(gw, "slow")
-    body = {"model": "slow", "prompt": "go", "max_tokens": 2000, "stream": True}
+    body = {"model": "slow", "prompt": "go", "max_tokens": 2000, "stream": True,
+            "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
@@ -306,7 +308,7 @@ def test_disconnect_cancels_the_generation(url: str, gw: Supervisor) -> None:
     with Client(gw.address) as c:
         before = c.metrics("slow").failed.get("cancelled", 0)
         body = json.dumps({"model": "slow", "prompt": "go", "max_tokens": 5000,
-                           "stream": True}).encode()
+                           "stream": True, "ignore_eos": True}).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
@@ -466,3 +468,31 @@ def test_auto_tools_reach_the_template_and_plain_replies_still_stream(
     contents = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
     assert "".join(contents) == whole.choices[0].message.content
     assert len(contents) > 1 or len(whole.choices[0].message.content or "") <= 1
+
+
+def test_worker_crash_under_a_plain_request_is_a_retryable_503(url: str, gw: Supervisor) -> None:
+    pid = worker_pid(gw, "slow")
+    with httpx.Client(timeout=30) as http:
+        t = threading.Timer(0.5, lambda: kill(pid))
+        t.start()
+        r = http.post(url + "/v1/completions", json={"model": "slow", "prompt": "go",
+                                                     "max_tokens": 3000, "ignore_eos": True})
+        t.join()
+    e = err(r, 503)
+    assert e["code"] == "worker_crashed" and r.headers["retry-after"] == "1"
+    wait_for(lambda: any(w["model"] == "slow" and w["state"] == "ready" and w["pid"] != pid
+                         for w in gw.status()), timeout=30)
+
+
+def test_a_named_session_keeps_its_prefix(oai: openai.OpenAI) -> None:
+    long = [{"role": "user", "content": "Remember this long story about a lighthouse keeper "
+             "who counted ships every night and wrote their names in a book. " * 3}]
+    first = oai.chat.completions.create(model="tiny", messages=long, max_tokens=4,
+                                        extra_body={"session": "gw-s1"}, **GREEDY)
+    assert first.usage is not None
+    follow = [*long, {"role": "assistant", "content": first.choices[0].message.content or ""},
+              {"role": "user", "content": "And then?"}]
+    second = oai.chat.completions.create(model="tiny", messages=follow, max_tokens=4,
+                                         extra_body={"session": "gw-s1"}, **GREEDY)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1

@@ -9,6 +9,7 @@ The counts live as long as the worker (Prometheus sees a counter reset on a rest
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,20 +28,30 @@ class Histogram:
     the last count those above every bound."""
 
     bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    sum: float = 0.0
+    counts: list[int] = field(init=False)
+    sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
-        if list(self.bounds) != sorted(set(self.bounds)):
-            raise ValueError("histogram bounds must be strictly increasing")
+        if not self.bounds or any(math.isnan(b) or math.isinf(b) for b in self.bounds) \
+                or list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError("histogram bounds must be finite and strictly increasing")
         self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
+        """Count ``value`` in the first bucket whose bound is >= it (NaN is ignored)."""
+        if math.isnan(value):
+            return
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
     def to_wire(self) -> HistogramData:
-        return HistogramData(bounds=list(self.bounds), counts=list(self.counts), sum=self.sum)
+        """The non-cumulative state, as the ``metrics`` reply carries it."""
+        return HistogramData(bounds=[float(b) for b in self.bounds], counts=list(self.counts),
+                             sum=self.sum)
 
 
 class WorkerCounters:
@@ -92,4 +103,5 @@ class WorkerCounters:
         self.prefix_cache_hits += int(hit)
 
     def histogram_wire(self) -> dict[str, dict[str, object]]:
+        """Every histogram as a :class:`HistogramData` wire map, by name."""
         return {name: h.to_wire().to_wire() for name, h in self.histograms.items()}

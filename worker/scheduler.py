@@ -358,7 +358,7 @@ class Scheduler:
                 g.token_logprobs.append(entry)
                 if g.stream:
                     g.out_logprobs.append(entry)
-            if token is not None:
+            if len(g.tokens) > n_before:  # an output token (not EOG, not grammar's end)
                 now = time.perf_counter()
                 if g.t_last_token is not None:
                     self.counters.token_gap(now - g.t_last_token)

@@ -326,6 +326,7 @@ class Worker:
             return  # not a DEALER request; nothing to answer to
         peer, payload = frames
         req_id: Any = None
+        cmd: str | None = None
         try:
             req_id, cmd, args = protocol.parse_request(payload)
             if protocol.COMMANDS[cmd].target != "worker":
@@ -341,11 +342,19 @@ class Worker:
         except LlamafleetError as exc:
             if req_id is None:
                 req_id = exc.data.pop("id", None)
+            self._count_refused(cmd, exc)
             self._deliver(peer, protocol.error(req_id, exc))
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("internal error handling a request")
             err = InternalError(f"{type(exc).__name__}: {exc}")
+            self._count_refused(cmd, err)
             self._deliver(peer, protocol.error(req_id, err))
+
+    def _count_refused(self, cmd: str | None, err: LlamafleetError) -> None:
+        """A ``generate`` refused before the scheduler took it counts as failed
+        (what the scheduler takes, it counts itself)."""
+        if cmd == "generate" and self.scheduler is not None:
+            self.scheduler.counters.failed(err.code)
 
     # -- commands --------------------------------------------------------------
     def loaded(self) -> tuple[Backend, Scheduler]:

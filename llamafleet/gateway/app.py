@@ -406,6 +406,9 @@ class Gateway:
             prompts = list(p)  # several prompts
         if not prompts:
             raise tr.bad_request("prompt must not be empty", "prompt")
+        if req.session is not None and len(prompts) > 1:
+            raise tr.bad_request("a session holds one conversation: send one prompt with it",
+                                 "session")
         schema = tr.schema_of(req.response_format, req.json_schema)
         kwargs = dict(max_tokens=tr.max_tokens_of(req, 16), stop=tr.stops_of(req),
                       ignore_eos=req.ignore_eos, session=req.session, logprobs=req.logprobs,

@@ -23,7 +23,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from llamafleet.client import AsyncClient
 from llamafleet.runtime.errors import LlamafleetError
@@ -141,7 +140,7 @@ def cumulative_buckets(h: HistogramData) -> list[tuple[str, float]]:
     out, total = [], 0
     for bound, n in zip([*h.bounds, float("inf")], h.counts):
         total += n
-        out.append((floatToGoString(bound), float(total)))
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(total)))
     return out
 
 

@@ -88,13 +88,8 @@ def phase_http(sup: Any, model: str, prompt: str, q: dict[str, Any],
             "ratio": statistics.median(ratios) if ratios else None,
             "ratio_spread": [min(ratios), max(ratios)] if ratios else None}
 
-        def one(i: int, r: int) -> dict[str, Any]:
-            topic = TOPICS[(i + r * 8) % len(TOPICS)]
-            return sse_stream(http, url, model, f"Request {r} from client {i}. Write a short "
-                              f"story about {topic}.", q["conc_tokens"])
-
-        progress(f"http: 8 streaming clients x {q['requests_per_client']} request(s)")
-        out["c8"] = peers.concurrent_run(one, 8, q["requests_per_client"])
+        out["c8"], out["llama_server_c8"] = _c8(http, url, model, q, progress, model_path,
+                                                threads, n_ctx)
         lat = []
         progress(f"http: {q['pings']} small requests (POST /tokenize)")
         for i in range(q["pings"] + 50):
@@ -106,17 +101,48 @@ def phase_http(sup: Any, model: str, prompt: str, q: dict[str, Any],
         out["small_request_us"] = {"p50": lat[len(lat) // 2],
                                    "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
                                    "request": "POST /tokenize {content: 'hi'}, keep-alive"}
-    binary = peers.find_llama_server()
-    out["llama_server_c8"] = None
-    if binary is not None and not q["quick"]:
-        progress("http: llama-server -np 8, 8 HTTP clients")
-        with peers.LlamaServer(binary, model_path, threads, 8, n_ctx) as srv:
-            srv.stream(prompt, 16)
-            out["llama_server_c8"] = peers.concurrent_run(
-                lambda i, r: srv.stream(f"Request {r} from client {i}. Write a short story "
-                                        f"about {TOPICS[(i + r * 8) % 8]}.", q["conc_tokens"]),
-                8, q["requests_per_client"])
     ls = out["llama_server_c8"]
-    out["c8_vs_llama_server"] = (out["c8"]["tokens_per_s"] / ls["tokens_per_s"]
-                                 if ls and ls.get("tokens_per_s") else None)
+    out["c8_vs_llama_server"] = None
+    if ls:  # the median of the per-round ratios (rounds run back to back)
+        ratios = [o / t for o, t in zip(out["c8"]["rounds"], ls["rounds"]) if t]
+        out["c8_vs_llama_server"] = statistics.median(ratios) if ratios else None
+        out["c8_vs_llama_server_spread"] = [min(ratios), max(ratios)] if ratios else None
     return out
+
+
+#: rounds of (ours, llama-server) for the 8-client comparison, interleaved
+C8_ROUNDS = 3
+
+
+def _c8(http: httpx.Client, url: str, model: str, q: dict[str, Any],
+        progress: Callable[[str], None], model_path: str, threads: int,
+        n_ctx: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """8 threads streaming ``/v1/completions`` through the same HTTP client code, against
+    our gateway and (when built) ``llama-server -np 8``, rounds interleaved; each side's
+    figure is its median round."""
+
+    def run(base: str, name: str) -> dict[str, Any]:
+        def one(i: int, r: int) -> dict[str, Any]:
+            topic = TOPICS[(i + r * 8) % len(TOPICS)]
+            return sse_stream(http, base, name, f"Request {r} from client {i}. Write a "
+                              f"short story about {topic}.", q["conc_tokens"])
+        return peers.concurrent_run(one, 8, q["requests_per_client"])
+
+    binary = peers.find_llama_server()
+    if binary is None or q["quick"]:
+        progress("http: 8 streaming clients (llama-server not built or --quick: ours only)")
+        return run(url, model), None
+    with peers.LlamaServer(binary, model_path, threads, 8, n_ctx) as srv:
+        sse_stream(http, srv.url, model, "warm up", 16)
+        ours, theirs = [], []
+        for r in range(C8_ROUNDS):
+            progress(f"http: 8 clients, round {r + 1}/{C8_ROUNDS}: gateway, then llama-server")
+            ours.append(run(url, model))
+            theirs.append(run(srv.url, model))
+
+    def median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        row = sorted(rows, key=lambda x: x["tokens_per_s"])[len(rows) // 2]
+        return {**row, "rounds": [x["tokens_per_s"] for x in rows],
+                "command": " ".join(srv.cmd) if rows is theirs else None}
+
+    return median(ours), median(theirs)

@@ -496,3 +496,24 @@ def test_a_named_session_keeps_its_prefix(oai: openai.OpenAI) -> None:
                                          extra_body={"session": "gw-s1"}, **GREEDY)
     assert second.usage is not None and second.usage.prompt_tokens_details is not None
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+
+
+def test_gateway_of_a_curve_fleet(tmp_path: Path) -> None:
+    from llamafleet.runtime.security import generate_keys
+    keys = generate_keys(tmp_path / "keys")
+    with pytest.raises(ConfigError, match="curve_client_cert"):
+        Config.from_dict({"supervisor": {"transport": "tcp", "address": "tcp://127.0.0.1:*",
+                                         "curve_server_key": keys["server_secret"],
+                                         "curve_authorized_clients": keys["authorized"]},
+                          "http": {"listen": "127.0.0.1:0"}})
+    sup = start({"tiny": MODELS["tiny"]}, {"curve_client_cert": keys["client_secret"]},
+                transport="tcp", address="tcp://127.0.0.1:*",
+                curve_server_key=keys["server_secret"],
+                curve_authorized_clients=keys["authorized"])
+    try:
+        assert sup.status()[0]["endpoint"].startswith("tcp://")
+        r = httpx.post(f"{sup.http_url}/v1/completions",
+                       json={"model": "tiny", "prompt": "a", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        sup.stop()

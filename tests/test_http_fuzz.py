@@ -222,3 +222,15 @@ def test_past_max_concurrent_requests_is_429(tight: Supervisor) -> None:
     # once those ended, requests are served again
     assert httpx.post(url + "/v1/completions", json={"model": "slow", "prompt": "x",
                                                      "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "1" * 5000, "-1", "1.5", " 1", ""])
+def test_logit_bias_keys_that_are_not_token_ids_are_a_400(
+        live: tuple[Supervisor, httpx.Client], key: str) -> None:
+    # found by fuzzing: "²" passes str.isdigit() but not int(); 5000 digits exceed int()'s
+    # conversion limit; both were 500s
+    _, http = live
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2,
+                                           "logit_bias": {key: 1}})
+    assert r.status_code == 400, r.text[:200]
+    assert r.json()["error"]["param"] == "logit_bias"

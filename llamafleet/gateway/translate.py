@@ -68,8 +68,10 @@ def sampling_of(req: Sampled, json_schema: Any = None) -> dict[str, Any]:
     if req.logit_bias:
         bias: dict[int, float] = {}
         for k, v in req.logit_bias.items():
-            if not k.lstrip("-").isdigit() or int(k) < 0:
-                raise bad_request(f"logit_bias key {k!r} is not a token id", "logit_bias")
+            # ASCII digits only: str.isdigit() admits "²", which int() refuses, and int()
+            # refuses more than 4300 digits
+            if not (k.isascii() and k.isdigit() and len(k) <= 10):
+                raise bad_request(f"logit_bias key {k[:20]!r} is not a token id", "logit_bias")
             bias[int(k)] = v
         out["logit_bias"] = bias
     if json_schema is not None:

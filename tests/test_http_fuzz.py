@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamafleet import Config, Supervisor
+from llamafleet.client import Client
 from tests.conftest import FAST
 
 ENDPOINTS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize",
@@ -234,3 +235,29 @@ def test_logit_bias_keys_that_are_not_token_ids_are_a_400(
                                            "logit_bias": {key: 1}})
     assert r.status_code == 400, r.text[:200]
     assert r.json()["error"]["param"] == "logit_bias"
+
+
+def test_tokenize_with_pieces_of_a_long_text_is_answered(
+        live: tuple[Supervisor, httpx.Client]) -> None:
+    # found by fuzzing: one detokenize per token, all at once, overflowed the worker's
+    # reply queue and the request hung
+    _, http = live
+    r = http.post("/tokenize", json={"content": "a" * 4000, "with_pieces": True})
+    assert r.status_code == 200
+    pieces = r.json()["tokens"]
+    assert len(pieces) >= 4000 and "".join(p["piece"] for p in pieces) == "a" * 4000
+
+
+def test_too_many_prompts_is_a_400_and_leaves_nothing_running(
+        live: tuple[Supervisor, httpx.Client]) -> None:
+    # found by fuzzing: 100 prompts were queued at once, past the worker's queue: a 429
+    # no retry could cure, and the queued ones kept generating
+    sup, http = live
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": ["a"] * 100,
+                                           "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    with Client(sup.address) as c:
+        assert c.metrics("tiny").requests_running == 0
+    ok = http.post("/v1/completions", json={"model": "tiny", "prompt": ["a"] * 16,
+                                            "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 16

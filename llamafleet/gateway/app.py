@@ -57,6 +57,22 @@ PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 ENDPOINTS = frozenset({"/health", "/v1/health", "/metrics", "/v1/models", "/v1/chat/completions",
                        "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: prompts one /v1/completions request may carry (each becomes a queued generation)
+MAX_PROMPTS = 16
+#: per-token detokenize calls in flight for /tokenize with_pieces
+PIECES_IN_FLIGHT = 32
+
+
+async def all_or_none(aws: list[Awaitable[T]]) -> list[T]:
+    """Run them concurrently; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -265,8 +281,13 @@ class Gateway:
                                             parse_special=req.parse_special)
         if not req.with_pieces:
             return JSONResponse({"tokens": tokens})
-        pieces = await asyncio.gather(*(self.client.detokenize(model, [t], special=True)
-                                        for t in tokens))
+        limit = asyncio.Semaphore(PIECES_IN_FLIGHT)
+
+        async def piece(t: int) -> str:
+            async with limit:  # a long text must not flood the worker's reply queue
+                return await self.client.detokenize(model, [t], special=True)
+
+        pieces = await all_or_none([piece(t) for t in tokens])
         return JSONResponse({"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]})
 
     async def detokenize(self, request: Request) -> Response:
@@ -406,6 +427,9 @@ class Gateway:
             prompts = list(p)  # several prompts
         if not prompts:
             raise tr.bad_request("prompt must not be empty", "prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise tr.bad_request(f"at most {MAX_PROMPTS} prompts per request (got "
+                                 f"{len(prompts)}): send several requests", "prompt")
         if req.session is not None and len(prompts) > 1:
             raise tr.bad_request("a session holds one conversation: send one prompt with it",
                                  "session")
@@ -419,9 +443,9 @@ class Gateway:
 
         echoes = [await self._echo(model, x) if req.echo else "" for x in prompts]
         if not req.stream:
-            results = await self.until_disconnect(request, asyncio.gather(*(
+            results = await self.until_disconnect(request, all_or_none([
                 self.client.generate(model, **args(x), **kwargs)
-                for x in prompts)))
+                for x in prompts]))
             choices = [tr.completion_choice(i, echoes[i] + c.text, c, None,
                                             tr.completion_logprobs(c.logprobs or [],
                                                                    len(echoes[i]))
@@ -434,7 +458,7 @@ class Gateway:
                                  "usage": tr.usage([c.stats for c in results])})
         streams = [self.client.stream(model, **args(x), **kwargs)
                    for x in prompts]
-        firsts = await self.until_disconnect(request, asyncio.gather(*(_first(s) for s in streams)))
+        firsts = await self.until_disconnect(request, all_or_none([_first(s) for s in streams]))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
             self._completion_events(streams, firsts, echoes, model, req.logprobs is not None,

@@ -420,7 +420,8 @@ def test_metrics_listen_alone() -> None:
     try:
         assert sup.http_url is None and sup.metrics_url is not None
         with Client(sup.address) as c:
-            c.generate("tiny", "a", max_tokens=3)
+            r = c.generate("tiny", "a", max_tokens=3, ignore_eos=True)
+        assert len(r.tokens) == 3
         m = metrics(sup.metrics_url)
         assert m["llamafleet_generation_tokens_total{model=tiny}"] == 3
         assert httpx.get(sup.metrics_url + "/v1/models").status_code == 404

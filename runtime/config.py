@@ -38,6 +38,24 @@ WORKER_OPTIONS: dict[str, Field] = {
                                 doc="coalesce streamed deltas (0: every token)"),
 }
 
+#: Keys of a ``[models.NAME]`` table read by the supervisor: the model's lifecycle.
+LIFECYCLE_OPTIONS: dict[str, Field] = {
+    "load": Field((str,), default="eager", choices=("eager", "on_demand"),
+                  doc="eager: started with the fleet; on_demand: by the first request"),
+    "keep_alive": Field((int, float), doc="seconds an idle model stays loaded (-1: never "
+                                          "unloaded; default -1 for eager models, 300 for "
+                                          "on-demand ones)",
+                        check=lambda v: None if v == -1 or v >= 0 else "must be -1 or >= 0"),
+    "replicas": Field((int,), default=1, min=1, max=64,
+                      doc="worker processes of this model (requests go to the least busy)"),
+    "memory_mb": Field((int, float), min=0,
+                       doc="memory one worker needs, for memory_budget_mb (default: what "
+                           "the last load measured, else the model file's size)"),
+}
+#: keep_alive of an on-demand model that sets none (Ollama's default, 5 minutes)
+DEFAULT_ON_DEMAND_KEEP_ALIVE = 300.0
+
+
 def _listen(v: Any) -> str | None:
     try:
         parse_listen(v)
@@ -88,6 +106,9 @@ HTTP_OPTIONS: dict[str, Field] = {
                           doc="seconds to receive a whole request body (408 beyond)"),
     "request_timeout": Field((int, float), default=600.0, min=0.1,
                              doc="seconds one request may run (504 beyond)"),
+    "resume": Field((bool,), default=True,
+                    doc="continue a request whose worker died on another worker (a "
+                        "stream from the tokens already sent); false: the error"),
     "curve_client_cert": Field((str,), doc="a client certificate the fleet's CURVE "
                                            "authorizes (tcp:// fleets with CURVE)"),
 }
@@ -168,6 +189,12 @@ class SupervisorConfig:
     insecure_tcp: bool = False
     #: HOST:PORT of a Prometheus /metrics endpoint of its own (with or without [http])
     metrics_listen: str | None = None
+    #: models loaded at once (0: no limit); the least recently used idle one makes room
+    max_loaded_models: int = 0
+    #: MiB the loaded models may take together (0: no limit), by their memory_mb
+    memory_budget_mb: int = 0
+    #: requests that may wait for room to load their model (overloaded beyond)
+    max_load_queue: int = 256
 
     def control_address(self) -> str:
         return self.address or default_address(self.runtime_dir)
@@ -194,9 +221,28 @@ class ModelConfig:
     worker: dict[str, Any] = field(default_factory=dict)
     #: ``[models.NAME.sampling]``: defaults under every request's own values
     sampling: dict[str, Any] = field(default_factory=dict)
+    #: the lifecycle (see LIFECYCLE_OPTIONS): eager or on_demand
+    load: str = "eager"
+    #: seconds an idle worker stays loaded; -1: never unloaded
+    keep_alive: float = -1.0
+    replicas: int = 1
+    #: declared memory of one worker (MiB), or None
+    memory_mb: float | None = None
+
+    @property
+    def on_demand(self) -> bool:
+        return self.load == "on_demand"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend, "options": dict(self.options),
+                "worker": dict(self.worker), "sampling": dict(self.sampling),
+                "load": self.load, "keep_alive": self.keep_alive, "replicas": self.replicas,
+                "memory_mb": self.memory_mb}
+
+    def worker_identity(self) -> dict[str, Any]:
+        """What a running worker was started with: a change means a restart (the
+        lifecycle keys apply without one)."""
+        return {"backend": self.backend, "options": dict(self.options),
                 "worker": dict(self.worker), "sampling": dict(self.sampling)}
 
 
@@ -209,6 +255,8 @@ class Config:
     #: the ``[http]`` table (HTTP_OPTIONS, checked, api_keys resolved to a list);
     #: None: no gateway
     http: dict[str, Any] | None = None
+    #: the file this was loaded from (what ``reload`` re-reads)
+    source: Path | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> Config:
@@ -232,6 +280,11 @@ class Config:
         http = _http_from(raw["http"], sup, base_dir) if "http" in raw else None
         cfg = cls(supervisor=sup, models=models, http=http)
         cfg.check_endpoints()
+        eager = [m for m in models.values() if not m.on_demand]
+        if 0 < sup.max_loaded_models < len(eager):
+            raise ConfigError(f"{len(eager)} eager models exceed [supervisor] "
+                              f"max_loaded_models ({sup.max_loaded_models}): make some "
+                              "load = \"on_demand\"")
         return cfg
 
     def with_http(self, listen: str) -> Config:
@@ -243,7 +296,8 @@ class Config:
         raw_keys = table.pop("api_keys", None)
         http = _http_from({**table, **({"api_keys": raw_keys} if raw_keys else {})},
                           self.supervisor, None)
-        return Config(supervisor=self.supervisor, models=self.models, http=http)
+        return Config(supervisor=self.supervisor, models=self.models, http=http,
+                      source=self.source)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Config:
@@ -255,19 +309,23 @@ class Config:
             raise ConfigError(f"config file {p} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: {exc}") from None
-        return cls.from_dict(raw, base_dir=p.resolve().parent)
+        cfg = cls.from_dict(raw, base_dir=p.resolve().parent)
+        cfg.source = p.resolve()
+        return cfg
 
-    def worker_endpoint(self, model: str) -> str:
-        """Where the worker of ``model`` binds (tcp: port chosen at bind time)."""
+    def worker_endpoint(self, model: str, replica: int = 0) -> str:
+        """Where a replica of ``model`` binds (tcp: port chosen at bind time)."""
         if self.supervisor.transport == "tcp":
             return f"tcp://{self.supervisor.tcp_host}:*"
-        return f"ipc://{self.supervisor.runtime_dir / f'w-{model}.sock'}"
+        name = f"w-{model}.sock" if replica == 0 else f"w-{model}.{replica}.sock"
+        return f"ipc://{self.supervisor.runtime_dir / name}"
 
     def check_endpoints(self) -> None:
         """Refuse ipc paths the kernel cannot bind (sun_path is ~107 bytes)."""
         addrs = [self.supervisor.control_address(),
                  f"ipc://{self.supervisor.runtime_dir / 'events.sock'}"]
-        addrs += [self.worker_endpoint(m) for m in self.models]
+        addrs += [self.worker_endpoint(name, r) for name, m in self.models.items()
+                  for r in range(m.replicas)]
         for a in addrs:
             if a.startswith("ipc://") and len(a[6:].encode()) > IPC_PATH_MAX:
                 raise ConfigError(f"ipc path too long ({len(a) - 6} > {IPC_PATH_MAX} bytes): "
@@ -290,6 +348,12 @@ def _model_from(name: str, table: dict[str, Any], sup: SupervisorConfig,
         raise ConfigError(f"[models.{name}.sampling] {exc.message}") from None
     worker = fields.parse(WORKER_OPTIONS, {k: opts.pop(k) for k in list(opts)
                                            if k in WORKER_OPTIONS}, where)
+    life = fields.parse(LIFECYCLE_OPTIONS, {k: opts.pop(k) for k in list(opts)
+                                            if k in LIFECYCLE_OPTIONS}, where)
+    life["load"] = life["load"].lower()
+    if life["keep_alive"] is None:
+        life["keep_alive"] = DEFAULT_ON_DEMAND_KEEP_ALIVE if life["load"] == "on_demand" \
+            else -1.0
     path = opts.get("path")
     if isinstance(path, str):
         opts["path"] = str(_resolve(Path(path).expanduser(), base_dir))
@@ -309,7 +373,10 @@ def _model_from(name: str, table: dict[str, Any], sup: SupervisorConfig,
     else:
         worker["cache_dir"] = str(Path(worker["cache_dir"]).expanduser())
     return ModelConfig(name=name, backend=backend, options=opts, worker=worker,
-                       sampling=dict(sampling))
+                       sampling=dict(sampling), load=life["load"],
+                       keep_alive=float(life["keep_alive"]), replicas=int(life["replicas"]),
+                       memory_mb=None if life["memory_mb"] is None
+                       else float(life["memory_mb"]))
 
 
 def _http_from(raw: Any, sup: SupervisorConfig, base_dir: Path | None) -> dict[str, Any]:

@@ -238,6 +238,8 @@ class CompletionStats(Message):
     ttft_ms: float | None = None
     total_ms: float = 0.0
     tokens_per_s: float | None = None
+    #: times the client resubmitted this generation after its worker died
+    resumed: int = 0
 
 
 @dataclass
@@ -331,13 +333,33 @@ class StreamChunk(Message):
 
 @dataclass
 class WorkerEndpoint(Message):
-    """``lookup``: where a model's worker listens."""
+    """Where one worker (one replica of a model) listens. ``generation`` is unique
+    within a supervisor: a restarted replica has a new one."""
 
     model: str
     endpoint: str
     generation: int
     pid: int | None = None
     backend: str = ""
+    replica: int = 0
+
+
+@dataclass
+class ModelEndpoints(Message):
+    """``lookup`` and ``load``: the ready workers of a model (``replicas`` of them are
+    configured; fewer are listed while some start or restart)."""
+
+    model: str
+    endpoints: list[WorkerEndpoint]
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        self.endpoints = [WorkerEndpoint.from_wire(e) if isinstance(e, dict) else e
+                          for e in self.endpoints]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model": self.model, "endpoints": [e.to_wire() for e in self.endpoints],
+                "replicas": self.replicas}
 
 
 @dataclass
@@ -357,6 +379,13 @@ class WorkerStatus(Message):
     uptime_s: float | None = None
     #: seconds from this generation's start until it was ready
     load_s: float | None = None
+    replica: int = 0
+    #: the worker process's resident memory (MiB), read by the supervisor
+    rss_mb: float | None = None
+    #: seconds an idle worker stays loaded (-1: never unloaded)
+    keep_alive: float = -1.0
+    #: seconds since the model last had a request (None: it never had one)
+    idle_s: float | None = None
 
 
 @dataclass
@@ -386,6 +415,16 @@ class Stopping(Message):
     stopping: bool = True
 
 
+@dataclass
+class Reloaded(Message):
+    """``reload``: which models the new configuration added, removed, changed."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
 # -- worker -> supervisor events -----------------------------------------------------------
 @dataclass
 class Hello(Message):
@@ -394,6 +433,7 @@ class Hello(Message):
     model: str
     pid: int
     generation: int
+    replica: int = 0
 
 
 @dataclass
@@ -413,6 +453,11 @@ class Heartbeat(Message):
     error: str | None = None
     progress: int = 0
     inflight: int = 0
+    replica: int = 0
+    #: requests received so far (the supervisor sees activity between heartbeats)
+    requests: int = 0
+    #: the ``keep_alive`` the latest request asked for (seconds; None: none asked)
+    keep_alive: float | None = None
 
 
 @dataclass
@@ -454,6 +499,8 @@ class WorkerSpec(Message):
     #: CURVE server certificate and authorized client keys (tcp:// endpoints)
     curve_server_key: str | None = None
     curve_authorized_clients: str | None = None
+    #: which of the model's ``replicas`` this worker is
+    replica: int = 0
 
 
 @dataclass
@@ -590,6 +637,17 @@ MAP = (dict,)
 BYTES = (bytes, bytearray, memoryview)
 
 _SEQ = Field(INT, required=True, check=_nonneg)
+#: seconds a model stays loaded once idle; -1 keeps it loaded
+_KEEP_ALIVE = Field((int, float), nullable=True,
+                    check=lambda v: None if v == -1 or 0 <= v <= 10 ** 7
+                    else "must be -1 (never unload) or 0..10000000 seconds")
+
+
+def _generations(v: Any) -> str | None:
+    if len(v) > 256:
+        return "lists at most 256 generations"
+    return None if all(_is_int(g) and g >= 0 for g in v) else "must be generation numbers"
+
 _TEXT = Field(STR, check=_max_len(MAX_TEXT_CHARS))
 _TOKENS = Field(LIST, check=_token_list)
 _SAMPLING = Field(MAP, default=None, nullable=True)
@@ -630,7 +688,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         "deadline_ms": Field(INT, nullable=True, check=_nonneg),
         # report each token's logprob and this many alternatives (None: none)
         "logprobs": Field(INT, nullable=True, check=lambda v: None if 0 <= v <= MAX_LOGPROBS
-                          else f"must be in 0..{MAX_LOGPROBS}")},
+                          else f"must be in 0..{MAX_LOGPROBS}"),
+        # tokens a dead worker already produced for this request: they follow the
+        # prompt in the KV and count as output (the client resumes a stream with them)
+        "continue_tokens": Field(LIST, default=(), check=_token_list),
+        # how long the model stays loaded once idle (seconds; -1: never unloaded)
+        "keep_alive": _KEEP_ALIVE},
         streaming=True, one_of=("prompt", "tokens"), reply=Completion),
     Command("kv_pack", "worker", {"seq": _SEQ}, reply=KvBlob),
     Command("kv_unpack", "worker", {
@@ -665,11 +728,20 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("cancel", "worker", {"target": Field(INT, required=True)}, reply=CancelResult),
     Command("metrics", "worker", reply=WorkerMetrics),
     # supervisor commands
+    # where a model's ready workers are; an unloaded model is loaded first (waiting
+    # up to wait_ms); ``exclude``: generations the caller saw die
     Command("lookup", "supervisor", {
         "model": Field(STR, required=True, check=_name),
         "wait_ms": Field(INT, default=0, check=_nonneg),
-        # the caller saw this generation die: answer with a newer one only
-        "after_generation": Field(INT, default=0, check=_nonneg)}, reply=WorkerEndpoint),
+        "exclude": Field(LIST, default=(), check=_generations)}, reply=ModelEndpoints),
+    # load a model now (waiting up to wait_ms for it), or unload it (draining first)
+    Command("load", "supervisor", {
+        "model": Field(STR, required=True, check=_name),
+        "wait_ms": Field(INT, default=0, check=_nonneg)}, reply=ModelEndpoints),
+    Command("unload", "supervisor", {
+        "model": Field(STR, required=True, check=_name)}, reply=Empty),
+    # re-read the configuration file and apply the difference
+    Command("reload", "supervisor", reply=Reloaded),
     Command("status", "supervisor", reply=FleetStatus),
     Command("shutdown", "supervisor", reply=Stopping),
 ]}

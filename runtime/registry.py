@@ -2,12 +2,13 @@
 
 The supervisor :meth:`~Registry.register`\\ s a worker's endpoint when it becomes
 ready and :meth:`~Registry.unregister`\\ s it when it exits; the control socket's
-``lookup`` is answered by :meth:`~Registry.lookup`. A model maps to a list of
-endpoints (one worker per model today; replicas and other hosts will add more).
+``lookup`` is answered by :meth:`~Registry.lookup`. A model maps to the endpoints
+of its ready replicas (generations are unique within a supervisor).
 
-A lookup with ``wait_ms`` waits until the model is ready (with a generation newer
-than ``after_generation``: the caller saw that one die). Waiters time out with
-Unavailable, get WorkerFailed when the model fails and ShuttingDown on shutdown.
+A lookup with ``wait_ms`` waits until the model has a ready worker whose
+generation is not in ``exclude`` (the caller saw those die). Waiters time out with
+Unavailable, get WorkerFailed when the model fails, NotFound when it is removed
+and ShuttingDown on shutdown.
 
 No sockets here: the methods that end waits return ``(waiter, answer)`` pairs and
 the caller delivers them; each waiter carries an opaque ``token`` saying to whom.
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafleet.runtime.errors import LlamafleetError, NotFound, ShuttingDown, Unavailable, WorkerFailed
-from llamafleet.runtime.protocol import WorkerEndpoint
+from llamafleet.runtime.protocol import ModelEndpoints, WorkerEndpoint
 
 #: what a waiter is finally told: where the model is, or why not
-Answer = WorkerEndpoint | LlamafleetError
+Answer = ModelEndpoints | LlamafleetError
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Waiter:
     model: str
     #: monotonic time at which it is answered Unavailable
     deadline: float
-    after_generation: int = 0
+    #: generations the caller saw die (not an answer)
+    exclude: frozenset[int] = frozenset()
 
 
 def _default_describe(model: str) -> dict[str, Any]:
@@ -49,8 +51,10 @@ class Registry:
     ``state``, restarts, last exit...); the supervisor passes its workers' view."""
 
     def __init__(self, models: Iterable[str],
-                 describe: Callable[[str], dict[str, Any]] | None = None) -> None:
+                 describe: Callable[[str], dict[str, Any]] | None = None,
+                 replicas: Callable[[str], int] | None = None) -> None:
         self._endpoints: dict[str, list[WorkerEndpoint]] = {m: [] for m in models}
+        self._replicas = replicas or (lambda model: 1)
         self._failed: dict[str, WorkerFailed] = {}
         self._waiters: list[Waiter] = []
         self._describe = describe or _default_describe
@@ -76,29 +80,38 @@ class Registry:
 
     # -- lookups ---------------------------------------------------------------------
     def lookup(self, model: str, token: Any, now: float, wait_ms: int = 0,
-               after_generation: int = 0) -> WorkerEndpoint | None:
-        """An endpoint of ``model`` newer than ``after_generation``; None when the
-        lookup now waits (``wait_ms`` > 0; answered later through ``token``).
+               exclude: Iterable[int] = ()) -> ModelEndpoints | None:
+        """The ready endpoints of ``model`` (none of the ``exclude``\\ d generations);
+        None when the lookup now waits (``wait_ms`` > 0; answered later through
+        ``token``).
 
         Raises ShuttingDown, NotFound, WorkerFailed or (not waiting) Unavailable."""
-        if self.closed:
-            raise ShuttingDown("the supervisor is shutting down")
-        if model not in self._endpoints:
-            raise NotFound(f"no model named {model!r} (known: {', '.join(self._endpoints)})")
-        found = self._newer(model, after_generation)
+        self.check(model)
+        skip = frozenset(exclude)
+        found = self._answer(model, skip)
         if found is not None:
             return found
         if model in self._failed:
             err = self._failed[model]
             raise WorkerFailed(err.message, data=dict(err.data), retryable=err.retryable)
         if wait_ms > 0:
-            self._waiters.append(Waiter(token, model, now + wait_ms / 1000, after_generation))
+            self._waiters.append(Waiter(token, model, now + wait_ms / 1000, skip))
             return None
         raise self._unavailable(model)
 
-    def _newer(self, model: str, after_generation: int) -> WorkerEndpoint | None:
-        return next((e for e in self._endpoints[model] if e.generation > after_generation),
-                    None)
+    def check(self, model: str) -> None:
+        """Raise ShuttingDown or NotFound unless ``model`` can be looked up."""
+        if self.closed:
+            raise ShuttingDown("the supervisor is shutting down")
+        if model not in self._endpoints:
+            raise NotFound(f"no model named {model!r} (known: {', '.join(self._endpoints)})",
+                           data={"model": model})
+
+    def _answer(self, model: str, exclude: frozenset[int]) -> ModelEndpoints | None:
+        eps = [e for e in self._endpoints[model] if e.generation not in exclude]
+        if not eps:
+            return None
+        return ModelEndpoints(model=model, endpoints=eps, replicas=self._replicas(model))
 
     def _unavailable(self, model: str) -> Unavailable:
         data = self._describe(model)
@@ -108,17 +121,17 @@ class Registry:
     def register(self, endpoint: WorkerEndpoint) -> list[tuple[Waiter, Answer]]:
         """Publish a ready worker; returns the waiters it answers.
 
-        It replaces an entry of the same model at the same address (a restarted
-        worker binds where its predecessor did)."""
+        It replaces the entry of the same replica (a restarted worker)."""
         model = endpoint.model
         if model not in self._endpoints:
             raise NotFound(f"no model named {model!r}")
         self._failed.pop(model, None)
-        eps = [e for e in self._endpoints[model] if e.endpoint != endpoint.endpoint]
-        self._endpoints[model] = [*eps, endpoint]
+        eps = [e for e in self._endpoints[model] if e.replica != endpoint.replica]
+        self._endpoints[model] = sorted([*eps, endpoint], key=lambda e: e.replica)
         return self._release(lambda w: w.model == model
-                             and w.after_generation < endpoint.generation,
-                             lambda w: endpoint)
+                             and endpoint.generation not in w.exclude,
+                             lambda w: self._answer(model, w.exclude)
+                             or self._unavailable(model))
 
     def unregister(self, model: str, generation: int | None = None) -> None:
         """Withdraw ``model``'s endpoints of ``generation`` (default: all of them)."""
@@ -126,10 +139,34 @@ class Registry:
             self._endpoints[model] = [e for e in self._endpoints[model]
                                       if generation is not None and e.generation != generation]
 
+    def add(self, model: str) -> None:
+        """Know a new model (a reload added it)."""
+        self._endpoints.setdefault(model, [])
+
+    def remove(self, model: str) -> list[tuple[Waiter, Answer]]:
+        """Forget ``model`` (a reload removed it): its waiters get NotFound."""
+        self._endpoints.pop(model, None)
+        self._failed.pop(model, None)
+        return self._release(lambda w: w.model == model,
+                             lambda w: NotFound(f"model {model!r} was removed from the "
+                                                "configuration", data={"model": model}))
+
+    def clear_failure(self, model: str) -> None:
+        """Forget that ``model`` failed (it is being loaded again)."""
+        self._failed.pop(model, None)
+
+    def failed(self, model: str) -> bool:
+        return model in self._failed
+
     def fail(self, model: str, error: WorkerFailed) -> list[tuple[Waiter, Answer]]:
         """Mark ``model`` failed: its waiters and later lookups get ``error``."""
         self._failed[model] = error
-        self._endpoints[model] = []
+        if model in self._endpoints:
+            self._endpoints[model] = []
+        return self._release(lambda w: w.model == model, lambda w: error)
+
+    def refuse(self, model: str, error: LlamafleetError) -> list[tuple[Waiter, Answer]]:
+        """End the waits of ``model`` with ``error`` (it cannot be loaded now)."""
         return self._release(lambda w: w.model == model, lambda w: error)
 
     def expire(self, now: float) -> list[tuple[Waiter, Answer]]:

@@ -23,6 +23,7 @@ Use it from Python as a context manager, or run ``llamafleet serve``::
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import signal
@@ -32,20 +33,34 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from llamafleet.runtime import protocol
-from llamafleet.runtime.config import Config, ModelConfig
+from llamafleet.runtime.config import Config, ModelConfig, SupervisorConfig
 from llamafleet.runtime.errors import (
     AlreadyRunning,
+    ConfigError,
+    InternalError,
     LlamafleetError,
     NotFound,
+    NotSupported,
+    Overloaded,
     ProtocolError,
+    ShuttingDown,
     Unavailable,
     WorkerFailed,
+)
+from llamafleet.runtime.lifecycle import (
+    Resident,
+    idle_expired,
+    memory_estimate,
+    plan_load,
+    rss_mb,
+    too_big,
 )
 from llamafleet.runtime.policy import GiveUp, RestartPolicy
 from llamafleet.runtime.process import (
@@ -72,9 +87,13 @@ EXIT_POLL = 0.05
 
 @dataclass
 class WorkerHandle:
-    """The supervisor's view of one model's worker (the child and its state)."""
+    """The supervisor's view of one worker: one replica of a model (the child and
+    its state). ``state`` is ``unloaded`` (configured, no process), ``starting``,
+    ``ready``, ``restarting``, ``stopping`` (drained on purpose), ``failed`` or
+    ``stopped``."""
 
     model: ModelConfig
+    replica: int = 0
     state: str = "starting"
     proc: WorkerProcess | None = None
     generation: int = 0
@@ -94,6 +113,15 @@ class WorkerHandle:
     inflight: int = 0
     progress: int = 0
     progress_at: float = 0.0
+    #: requests the worker reported receiving (its heartbeat's count)
+    requests: int = 0
+    #: why it is being stopped on purpose (unload, reload): its exit is no crash
+    stopping: str | None = None
+    #: start again as soon as it has stopped (a rolling restart)
+    respawn: bool = False
+    rss_mb: float | None = None
+    #: the keep_alive the worker's latest request asked for
+    requested_keep_alive: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -103,12 +131,18 @@ class WorkerHandle:
     def kill_reason(self) -> str | None:
         return self.proc.kill_reason if self.proc is not None else None
 
+    @property
+    def resident(self) -> bool:
+        """A process exists or is about to (it holds, or will hold, memory)."""
+        return self.proc is not None or self.state in ("starting", "restarting")
+
     def state_data(self) -> dict[str, Any]:
         """The structured details of errors about this worker."""
-        return {"model": self.model.name, "state": self.state, "restarts": self.restarts,
-                "last_exit": self.last_exit, "load_progress": self.load_progress}
+        return {"model": self.model.name, "replica": self.replica, "state": self.state,
+                "restarts": self.restarts, "last_exit": self.last_exit,
+                "load_progress": self.load_progress}
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, keep_alive: float, idle_s: float | None) -> dict[str, Any]:
         """This worker as ``status`` shows it (a protocol.WorkerStatus map)."""
         now = time.monotonic()
         return protocol.WorkerStatus(
@@ -118,25 +152,73 @@ class WorkerHandle:
             load_progress=round(self.load_progress, 3), inflight=self.inflight,
             uptime_s=round(now - self.ready_at, 3) if self.ready_at and
             self.state == "ready" else None,
-            load_s=round(self.ready_at - self.started_at, 3) if self.ready_at else None
-            ).to_wire()
+            load_s=round(self.ready_at - self.started_at, 3) if self.ready_at else None,
+            replica=self.replica, rss_mb=self.rss_mb if self.pid else None,
+            keep_alive=keep_alive, idle_s=idle_s).to_wire()
+
+
+@dataclass
+class ModelSlot:
+    """One configured model: its replicas' handles and its lifecycle."""
+
+    config: ModelConfig
+    handles: list[WorkerHandle]
+    #: monotonic time of its last request (a lookup answered, work seen in a heartbeat)
+    last_used: float = 0.0
+    #: whether it ever had a request (idle_s is shown only then)
+    used: bool = False
+    #: keep_alive asked for by the latest request (None: the configuration's)
+    keep_alive_override: float | None = None
+    #: what one worker measured last time it was loaded (MiB)
+    measured_mb: float | None = None
+    #: replicas still to restart with a changed configuration, in order
+    rolling: list[int] = field(default_factory=list)
+    #: loaded by hand (``load``): queued for room even with nobody waiting
+    forced: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def keep_alive(self) -> float:
+        return self.config.keep_alive if self.keep_alive_override is None \
+            else self.keep_alive_override
+
+    @property
+    def resident(self) -> bool:
+        return any(h.resident for h in self.handles)
+
+    @property
+    def stopping(self) -> bool:
+        return any(h.stopping is not None and h.proc is not None for h in self.handles)
 
 
 class Supervisor:
-    """Starts, watches and restarts the workers of a :class:`Config`."""
+    """Starts, watches and restarts the workers of a :class:`Config`; loads and
+    unloads models on demand; applies a changed configuration (:meth:`reload`)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         self.config = config
+        #: the file ``reload`` re-reads (default: the one the config was loaded from)
+        self.config_path = Path(config_path) if config_path is not None else config.source
         self.sup = config.supervisor
         self.address = self.sup.control_address()
         self.events_address = f"ipc://{self.sup.runtime_dir / 'events.sock'}"
-        self.workers: dict[str, WorkerHandle] = {
-            name: WorkerHandle(model=m) for name, m in config.models.items()}
+        self.models: dict[str, ModelSlot] = {
+            name: self._slot(m) for name, m in config.models.items()}
+        #: workers leaving for good (their model or replica was removed by a reload)
+        self._retiring: list[WorkerHandle] = []
+        #: the live worker of each generation (generations are unique in a supervisor)
+        self._by_generation: dict[int, WorkerHandle] = {}
+        self._generations = itertools.count(1)
+        #: models waiting for room to load, in the order they were asked for
+        self._load_queue: deque[str] = deque()
         self.policy = RestartPolicy.from_config(self.sup)
         #: the HTTP gateway and metrics endpoint (bound in start)
         self.services: dict[str, ServiceHandle] = {}
-        self.registry = Registry(self.workers,
-                                 describe=lambda name: self.workers[name].state_data())
+        self.registry = Registry(self.models, describe=self._describe,
+                                 replicas=lambda name: self.models[name].config.replicas)
         self._ctx = zmq.Context()
         self._stop = threading.Event()
         self._stopped = threading.Event()
@@ -144,6 +226,8 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._shutting_down = False
         self._changed = threading.Condition()
+        #: reloads asked for from other threads (and SIGHUP), applied by the loop
+        self._reloads: deque[_ReloadRequest] = deque()
         # stop() and signal handlers wake the loop through this pipe; the loop
         # otherwise sleeps until its next deadline (no periodic polling)
         self._wake_r, self._wake_w = os.pipe()
@@ -151,9 +235,24 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
+    @staticmethod
+    def _slot(m: ModelConfig) -> ModelSlot:
+        state = "unloaded" if m.on_demand else "starting"
+        return ModelSlot(config=m, handles=[WorkerHandle(model=m, replica=r, state=state)
+                                            for r in range(m.replicas)])
+
+    @property
+    def workers(self) -> dict[str, WorkerHandle]:
+        """The first replica of every model, by name (see :meth:`handles` for all)."""
+        return {name: slot.handles[0] for name, slot in self.models.items()}
+
+    def handles(self) -> list[WorkerHandle]:
+        """Every worker handle: each replica of each model, then the retiring ones."""
+        return [h for slot in self.models.values() for h in slot.handles] + self._retiring
+
     # -- public API ---------------------------------------------------------------
     def start(self) -> Supervisor:
-        """Bind the sockets, spawn every worker and run the loop in a thread."""
+        """Bind the sockets, spawn every eager worker and run the loop in a thread."""
         self._prepare()
         self._thread = threading.Thread(target=self._loop, name="llamafleet-supervisor",
                                         daemon=True)
@@ -161,8 +260,9 @@ class Supervisor:
         return self
 
     def serve_forever(self, on_started: Callable[[Supervisor], None] | None = None) -> None:
-        """Run in the calling (main) thread until SIGTERM/SIGINT, then shut down.
-        ``on_started`` is called once the sockets are bound and the children started."""
+        """Run in the calling (main) thread until SIGTERM/SIGINT, then shut down; SIGHUP
+        reloads the configuration file. ``on_started`` is called once the sockets are
+        bound and the children started."""
         self._prepare()
         if on_started is not None:
             on_started(self)
@@ -171,8 +271,14 @@ class Supervisor:
             log.info("received %s: shutting down", signal.Signals(signum).name)
             self._request_stop()
 
+        def on_hup(signum: int, frame: Any) -> None:
+            log.info("received SIGHUP: reloading %s", self.config_path)
+            self._reloads.append(_ReloadRequest(None))
+            self._wake()
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
         self._loop()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -181,6 +287,22 @@ class Supervisor:
         if self._thread is not None:
             grace = self.sup.shutdown_grace + 5.0
             self._thread.join(timeout if timeout is not None else grace)
+
+    def reload(self, config: Config | None = None, timeout: float = 30.0) -> protocol.Reloaded:
+        """Apply ``config`` (default: re-read :attr:`config_path`): added models start
+        (or wait, if on demand), removed ones drain and stop, changed ones restart
+        replica by replica, unchanged ones are not touched. A configuration that does
+        not load, or changes what cannot change while running, raises ConfigError and
+        leaves the fleet as it was. Returns at once; the restarts go on in the loop."""
+        req = _ReloadRequest(config)
+        self._reloads.append(req)
+        self._wake()
+        if not req.done.wait(timeout):
+            raise Unavailable(f"the supervisor did not apply the reload within {timeout}s")
+        if isinstance(req.outcome, LlamafleetError):
+            raise req.outcome
+        assert req.outcome is not None
+        return req.outcome
 
     def _request_stop(self) -> None:
         self._stop.set()
@@ -200,12 +322,18 @@ class Supervisor:
         self.stop()
 
     def status(self) -> list[dict[str, Any]]:
-        """One dict per worker: model, pid, state, restarts, last_exit, ..."""
-        return [h.snapshot() for h in self.workers.values()]
+        """One dict per worker (each replica of each model): model, replica, pid,
+        state, restarts, last_exit, rss_mb, keep_alive, ..."""
+        now = time.monotonic()
+        out = []
+        for slot in list(self.models.values()):
+            idle = round(now - slot.last_used, 3) if slot.used else None
+            out += [h.snapshot(slot.keep_alive, idle) for h in slot.handles]
+        return out
 
     def _children(self) -> list[WorkerHandle | ServiceHandle]:
         """Every supervised child: the workers, then the services."""
-        return [*self.workers.values(), *self.services.values()]
+        return [*self.handles(), *self.services.values()]
 
     def service_status(self) -> list[dict[str, Any]]:
         """One dict per service (the HTTP gateway, the metrics endpoint)."""
@@ -224,24 +352,34 @@ class Supervisor:
         return s.url if s is not None else None
 
     def wait_ready(self, timeout: float = 60.0, models: list[str] | None = None) -> None:
-        """Block until the named (default: all) workers are ready.
+        """Block until every replica of the named models is ready (default: of every
+        eager model, and the services).
 
         Raises WorkerFailed if one fails, Unavailable on timeout."""
-        names = models or list(self.workers)
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                states = {n: self.workers[n].state for n in names}
+                names = models or [n for n, s in self.models.items()
+                                   if not s.config.on_demand]
+                states: dict[str, str] = {}
+                for n in names:
+                    slot = self.models.get(n)
+                    if slot is None:
+                        raise NotFound(f"no model named {n!r}")
+                    for h in slot.handles:
+                        states[n if h.replica == 0 else f"{n}#{h.replica}"] = h.state
                 if models is None:
                     states.update({f"service {s.name}": s.state
                                    for s in self.services.values()})
                 failed = [n for n, s in states.items() if s == "failed"]
                 if failed:
-                    h = self.workers.get(failed[0])
-                    if h is None:
-                        s = self.services[failed[0].removeprefix("service ")]
+                    name = failed[0]
+                    if name.startswith("service "):
+                        s = self.services[name.removeprefix("service ")]
                         raise WorkerFailed(f"service {s.name} failed: {s.last_exit}",
                                            data={"last_exit": s.last_exit})
+                    model, _, rep = name.partition("#")
+                    h = self.models[model].handles[int(rep or 0)]
                     raise WorkerFailed(f"model {h.model.name} failed: {h.last_exit}",
                                        data={"last_exit": h.last_exit})
                 if all(s == "ready" for s in states.values()):
@@ -250,6 +388,17 @@ class Supervisor:
                 if left <= 0:
                     raise Unavailable(f"workers not ready after {timeout}s: {states}")
                 self._changed.wait(min(left, 0.1))
+
+    def _describe(self, name: str) -> dict[str, Any]:
+        """The error data of a model that is not ready: its first replica's state."""
+        slot = self.models.get(name)
+        if slot is None:
+            return {"model": name, "state": "removed"}
+        h = next((h for h in slot.handles if h.state != "unloaded"), slot.handles[0])
+        data = h.state_data()
+        if name in self._load_queue:
+            data["state"] = "waiting for room"
+        return data
 
     # -- setup ---------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -299,8 +448,9 @@ class Supervisor:
         if self.address.endswith(":0") or self.address.endswith(":*"):
             self.address = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("supervisor listening on %s (runtime dir %s)", self.address, rd)
-        for h in self.workers.values():
-            self._spawn(h)
+        for slot in self.models.values():
+            if not slot.config.on_demand:
+                self._load(slot)
         for svc in self.services.values():
             log.info("%s service on %s", svc.name, svc.url)
             self._spawn_service(svc)
@@ -318,14 +468,34 @@ class Supervisor:
                  s.generation)
 
     # -- worker processes --------------------------------------------------------------
+    def _load(self, slot: ModelSlot) -> None:
+        """Start every replica of a model that is not running."""
+        self.registry.clear_failure(slot.name)
+        slot.forced = False
+        if slot.name in self._load_queue:
+            self._load_queue.remove(slot.name)
+        slot.last_used = time.monotonic()
+        for h in slot.handles:
+            if h.proc is None and h.state != "restarting":  # restarting: backoff pending
+                h.restarts = 0
+                h.crash_times = ()
+                self._spawn(h)
+        self._notify()
+
     def _spawn(self, h: WorkerHandle) -> None:
-        h.generation += 1
+        if h.generation:
+            self._by_generation.pop(h.generation, None)
+        h.generation = next(self._generations)
+        self._by_generation[h.generation] = h
         h.state = "starting" if h.restarts == 0 else "restarting"
         h.endpoint = None
         h.load_progress = 0.0
         h.load_error = None
         h.next_start_at = None
-        h.inflight = 0
+        h.inflight = h.requests = 0
+        h.stopping = None
+        h.respawn = False
+        h.requested_keep_alive = None
         now = time.monotonic()
         h.started_at = h.last_heartbeat = h.progress_at = now
         try:
@@ -334,21 +504,25 @@ class Supervisor:
             h.proc = None
             self._on_exit(h, f"could not start: {exc}")
             return
-        log.info("started worker %s (pid %d, generation %d)", h.model.name, h.proc.pid,
+        log.info("started worker %s (pid %d, generation %d)", self._label(h), h.proc.pid,
                  h.generation)
+
+    @staticmethod
+    def _label(h: WorkerHandle) -> str:
+        return h.model.name if h.model.replicas == 1 else f"{h.model.name}#{h.replica}"
 
     def _worker_spec(self, h: WorkerHandle) -> protocol.WorkerSpec:
         return protocol.WorkerSpec(
             model=h.model.name, backend=h.model.backend, options=h.model.options,
-            endpoint=self.config.worker_endpoint(h.model.name),
+            endpoint=self.config.worker_endpoint(h.model.name, h.replica),
             events_endpoint=self.events_address, generation=h.generation,
             heartbeat_interval=self.sup.heartbeat_interval, log_level=self.sup.log_level,
             shutdown_grace=self.sup.shutdown_grace, worker_options=h.model.worker,
             sampling=h.model.sampling, curve_server_key=self.sup.curve_server_key,
-            curve_authorized_clients=self.sup.curve_authorized_clients)
+            curve_authorized_clients=self.sup.curve_authorized_clients, replica=h.replica)
 
     def _kill(self, h: WorkerHandle, reason: str) -> None:
-        log.warning("killing worker %s (pid %s): %s", h.model.name, h.pid, reason)
+        log.warning("killing worker %s (pid %s): %s", self._label(h), h.pid, reason)
         if h.proc is not None:
             h.proc.kill(reason)
 
@@ -358,6 +532,23 @@ class Supervisor:
         reason = h.proc.reap()
         h.proc = None
         return reason
+
+    def _stop_worker(self, h: WorkerHandle, why: str, respawn: bool = False) -> None:
+        """Drain and stop a worker on purpose (unload, reload): no restart follows
+        (unless ``respawn``: a rolling restart starts it again at once)."""
+        h.respawn = respawn
+        if h.proc is None:
+            h.state = "unloaded"
+            h.next_start_at = None
+            if respawn:
+                self._spawn(h)
+            return
+        log.info("stopping worker %s (pid %s): %s", self._label(h), h.pid, why)
+        h.stopping = why
+        h.state = "stopping"
+        h.endpoint = None
+        self.registry.unregister(h.model.name, h.generation)
+        h.proc.terminate()
 
     # -- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -417,7 +608,7 @@ class Supervisor:
         """Milliseconds until the loop must look again without being woken."""
         now = time.monotonic()
         due = now + MAX_SLEEP
-        for h in self.workers.values():
+        for h in self.handles():
             if h.proc is not None and h.proc.drain_deadline is not None:
                 due = min(due, h.proc.drain_deadline)
             elif h.proc is not None:
@@ -430,6 +621,11 @@ class Supervisor:
                     due = min(due, h.started_at + self.sup.startup_timeout)
             elif h.state == "restarting" and h.next_start_at is not None:
                 due = min(due, h.next_start_at)
+        for slot in self.models.values():
+            if slot.keep_alive >= 0 and slot.resident:
+                due = min(due, slot.last_used + max(slot.keep_alive, self._grace()))
+        if self._reloads:
+            due = now
         for s in self.services.values():
             if s.proc is not None and s.proc.drain_deadline is not None:
                 due = min(due, s.proc.drain_deadline)
@@ -450,7 +646,9 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for h in self.workers.values():
+        while self._reloads:
+            self._apply_reload(self._reloads.popleft())
+        for h in self.handles():
             if h.proc is not None:
                 rc = h.proc.poll()
                 silent = now - h.last_heartbeat
@@ -472,9 +670,168 @@ class Supervisor:
             elif h.state == "restarting" and h.next_start_at is not None \
                     and now >= h.next_start_at:
                 self._spawn(h)
+        self._tick_lifecycle(now)
         for s in self.services.values():
             self._tick_service(s, now)
         self._answer_all(self.registry.expire(now))
+
+    # -- the model lifecycle: on demand, keep_alive, eviction, rolling restarts ------------
+    def _grace(self) -> float:
+        """How long a model counts as busy after a request was routed to it (its
+        worker reports the request in its next heartbeat)."""
+        return max(1.0, 2 * self.sup.heartbeat_interval)
+
+    def _busy(self, slot: ModelSlot, now: float) -> bool:
+        return (any(h.inflight or h.state in ("starting", "restarting")
+                    for h in slot.handles)
+                or now - slot.last_used < self._grace()
+                or bool(self.registry.waiters(slot.name)))
+
+    def _tick_lifecycle(self, now: float) -> None:
+        if self._shutting_down:
+            return
+        for slot in list(self.models.values()):
+            if slot.resident and not slot.stopping and not slot.rolling and \
+                    idle_expired(now, slot.last_used, slot.keep_alive, self._busy(slot, now)):
+                self._unload(slot, f"idle for {now - slot.last_used:.1f}s "
+                                   f"(keep_alive {slot.keep_alive:g}s)")
+            self._roll(slot)
+        self._serve_load_queue(now)
+
+    def _need_mb(self, slot: ModelSlot) -> float:
+        return memory_estimate(slot.config, slot.measured_mb) * slot.config.replicas
+
+    def _residents(self, now: float, but: str) -> list[Resident]:
+        return [Resident(name=s.name, memory_mb=self._need_mb(s), busy=self._busy(s, now),
+                         pinned=s.keep_alive < 0, last_used=s.last_used, stopping=s.stopping)
+                for s in self.models.values() if s.resident and s.name != but] + \
+            [Resident(name=f"(retiring {h.model.name})", memory_mb=memory_estimate(
+                h.model, h.rss_mb), busy=True, pinned=True, last_used=now, stopping=True)
+             for h in self._retiring if h.proc is not None]
+
+    def _request_load(self, slot: ModelSlot) -> None:
+        """A request needs ``slot``'s model: load it now, or queue it for room.
+
+        Raises WorkerFailed when it can never fit, Overloaded when too many requests
+        already wait for room."""
+        if slot.resident or slot.name in self._load_queue:
+            return
+        need = self._need_mb(slot)
+        if too_big(need, self.sup.memory_budget_mb):
+            raise WorkerFailed(
+                f"model {slot.name} needs {need:.0f} MiB, more than memory_budget_mb "
+                f"({self.sup.memory_budget_mb})", data={"model": slot.name, "state": "unloaded",
+                                                        "memory_mb": need})
+        waiting = sum(len(self.registry.waiters(m)) for m in self._load_queue)
+        if waiting >= self.sup.max_load_queue:
+            raise Overloaded(f"{waiting} requests already wait for room to load a model "
+                             f"(max_load_queue {self.sup.max_load_queue})",
+                             data={"model": slot.name, "waiting": waiting})
+        self._load_queue.append(slot.name)
+        self._serve_load_queue(time.monotonic())
+
+    def _serve_load_queue(self, now: float) -> None:
+        """Load the queued models in order, each once there is room for it."""
+        while self._load_queue:
+            slot = self.models.get(self._load_queue[0])
+            if slot is None or slot.resident:
+                self._load_queue.popleft()
+                continue
+            if not self.registry.waiters(slot.name) and not slot.forced:
+                self._load_queue.popleft()  # nobody waits for it any more
+                continue
+            plan = plan_load(self._residents(now, slot.name), self._need_mb(slot),
+                             max_models=self.sup.max_loaded_models,
+                             budget_mb=self.sup.memory_budget_mb)
+            if plan is None:
+                return  # every model in the way is busy or pinned: wait
+            for name in plan.evict:
+                log.info("unloading %s to make room for %s", name, slot.name)
+                self._unload(self.models[name], f"evicted for {slot.name} (least recently "
+                                                "used)")
+            if not plan.ready:
+                return  # room is being made: load when they have exited
+            self._load_queue.popleft()
+            log.info("loading %s on demand", slot.name)
+            self._load(slot)
+
+    def _unload(self, slot: ModelSlot, why: str) -> None:
+        """Stop every replica of a model (draining first); it becomes ``unloaded``."""
+        if slot.name in self._load_queue:
+            self._load_queue.remove(slot.name)
+        slot.keep_alive_override = None
+        slot.rolling = []
+        for h in slot.handles:
+            if h.stopping is None:
+                self._stop_worker(h, why)
+        self._notify()
+
+    def _roll(self, slot: ModelSlot) -> None:
+        """Restart the next replica of a changed model once the previous one is back."""
+        if not slot.rolling:
+            return
+        if any(h.state in ("starting", "restarting", "stopping") for h in slot.handles):
+            return  # one at a time: wait until the last one is ready again
+        r = slot.rolling.pop(0)
+        h = slot.handles[r]
+        h.model = slot.config
+        if h.proc is not None:
+            self._stop_worker(h, "configuration changed (reload)", respawn=True)
+
+    def _on_exit(self, h: WorkerHandle, reason: str) -> None:
+        detail = crash_detail(h.log_tail)
+        if h.load_error:
+            reason = f"{reason}: load failed: {h.load_error}"
+        elif detail:
+            reason = f"{reason} ({detail})"
+        h.last_exit = reason
+        h.endpoint = None
+        h.ready_at = None
+        h.inflight = 0
+        self.registry.unregister(h.model.name, h.generation)
+        self._by_generation.pop(h.generation, None)
+        if self._shutting_down:
+            h.state = "stopped"
+            log.info("worker %s stopped: %s", self._label(h), reason)
+            self._notify()
+            return
+        if h in self._retiring:
+            self._retiring.remove(h)
+            h.state = "stopped"
+            log.info("worker %s retired: %s", self._label(h), reason)
+            self._notify()
+            return
+        if h.stopping is not None:
+            log.info("worker %s stopped (%s): %s", self._label(h), h.stopping, reason)
+            h.state = "unloaded"
+            h.stopping = None
+            if h.respawn:
+                h.restarts = 0
+                h.crash_times = ()
+                self._spawn(h)
+            self._notify()
+            return
+        now = time.monotonic()
+        decision = self.policy.decide(h.crash_times, now, load_failed=bool(h.load_error))
+        h.crash_times = decision.history
+        if isinstance(decision, GiveUp):
+            h.state = "failed"
+            log.error("worker %s failed (%s); last exit: %s", self._label(h), decision.reason,
+                      reason)
+            slot = self.models.get(h.model.name)
+            if slot is not None and all(x.state == "failed" for x in slot.handles):
+                self._answer_all(self.registry.fail(h.model.name, self._failed_error(h)))
+        else:
+            h.state = "restarting"
+            h.next_start_at = now + decision.delay
+            h.restarts += 1
+            log.warning("worker %s exited (%s); restart %d in %.2fs", self._label(h), reason,
+                        h.restarts, decision.delay)
+        self._notify()
+
+    def _failed_error(self, h: WorkerHandle) -> WorkerFailed:
+        return WorkerFailed(f"model {h.model.name} failed: {h.last_exit}",
+                            data=h.state_data())
 
     def _tick_service(self, s: ServiceHandle, now: float) -> None:
         if s.proc is None:
@@ -522,40 +879,103 @@ class Supervisor:
                         s.restarts, decision.delay)
         self._notify()
 
-    def _on_exit(self, h: WorkerHandle, reason: str) -> None:
-        detail = crash_detail(h.log_tail)
-        if h.load_error:
-            reason = f"{reason}: load failed: {h.load_error}"
-        elif detail:
-            reason = f"{reason} ({detail})"
-        h.last_exit = reason
-        h.endpoint = None
-        h.ready_at = None
-        self.registry.unregister(h.model.name, h.generation)
-        if self._shutting_down:
-            h.state = "stopped"
-            log.info("worker %s stopped: %s", h.model.name, reason)
-            self._notify()
-            return
-        now = time.monotonic()
-        decision = self.policy.decide(h.crash_times, now, load_failed=bool(h.load_error))
-        h.crash_times = decision.history
-        if isinstance(decision, GiveUp):
-            h.state = "failed"
-            log.error("worker %s failed (%s); last exit: %s", h.model.name, decision.reason,
-                      reason)
-            self._answer_all(self.registry.fail(h.model.name, self._failed_error(h)))
-        else:
-            h.state = "restarting"
-            h.next_start_at = now + decision.delay
-            h.restarts += 1
-            log.warning("worker %s exited (%s); restart %d in %.2fs", h.model.name, reason,
-                        h.restarts, decision.delay)
+    # -- live reload -------------------------------------------------------------------------
+    def _apply_reload(self, req: _ReloadRequest) -> None:
+        try:
+            new = req.config if req.config is not None else self._read_config()
+            req.outcome = self._apply(new)
+            log.info("reloaded: added %s, removed %s, changed %s", req.outcome.added or "-",
+                     req.outcome.removed or "-", req.outcome.changed or "-")
+        except LlamafleetError as exc:
+            log.error("reload refused, the fleet is unchanged: %s", exc.message)
+            req.outcome = exc
+        except Exception as exc:  # a bug: refuse the reload, keep serving
+            log.exception("reload failed")
+            req.outcome = InternalError(f"reload failed: {type(exc).__name__}: {exc}")
+        req.done.set()
         self._notify()
 
-    def _failed_error(self, h: WorkerHandle) -> WorkerFailed:
-        return WorkerFailed(f"model {h.model.name} failed: {h.last_exit}",
-                            data=h.state_data())
+    def _read_config(self) -> Config:
+        if self.config_path is None:
+            raise NotSupported("this supervisor was not started from a configuration file: "
+                               "pass the new Config to Supervisor.reload()")
+        return Config.load(self.config_path)
+
+    def _apply(self, new: Config) -> protocol.Reloaded:
+        """Check ``new`` whole, then apply the difference (nothing applied on error)."""
+        if new.supervisor != self.sup:
+            diff = [f.name for f in dataclass_fields(SupervisorConfig)
+                    if getattr(new.supervisor, f.name) != getattr(self.sup, f.name)]
+            raise ConfigError(f"[supervisor] {', '.join(diff)} changed: restart the fleet "
+                              "to change the supervisor's settings (reload applies [models])")
+        if new.http != self.config.http:
+            raise ConfigError("[http] changed: restart the fleet to change the gateway "
+                              "(reload applies [models])")
+        eager = [m for m in new.models.values() if not m.on_demand]
+        if 0 < self.sup.max_loaded_models < len(eager):
+            raise ConfigError(f"{len(eager)} eager models exceed max_loaded_models "
+                              f"({self.sup.max_loaded_models})")
+        out = protocol.Reloaded()
+        for name in [n for n in self.models if n not in new.models]:
+            out.removed.append(name)
+            slot = self.models.pop(name)
+            if name in self._load_queue:
+                self._load_queue.remove(name)
+            self._answer_all(self.registry.remove(name))
+            for h in slot.handles:
+                self._retire(h, "removed from the configuration (reload)")
+        for name, m in new.models.items():
+            existing = self.models.get(name)
+            if existing is None:
+                out.added.append(name)
+                self.models[name] = added = self._slot(m)
+                self.registry.add(name)
+                if not m.on_demand:
+                    self._load(added)
+                continue
+            slot = existing
+            old = slot.config
+            if old.to_dict() == m.to_dict():
+                out.unchanged.append(name)
+                continue
+            out.changed.append(name)
+            self._change(slot, m)
+        self.config = Config(supervisor=self.sup, models=dict(new.models),
+                             http=self.config.http, source=self.config.source)
+        self._notify()
+        return out
+
+    def _change(self, slot: ModelSlot, m: ModelConfig) -> None:
+        """Apply a model's new table: lifecycle keys at once, the rest replica by replica."""
+        restart = slot.config.worker_identity() != m.worker_identity()
+        slot.config = m
+        keep = slot.handles[:m.replicas]
+        for h in slot.handles[m.replicas:]:
+            self._retire(h, "replica removed (reload)")
+        for r in range(len(keep), m.replicas):
+            state = "starting" if slot.resident else "unloaded"
+            h = WorkerHandle(model=m, replica=r, state=state)
+            keep.append(h)
+            if state == "starting":
+                self._spawn(h)
+        slot.handles = keep
+        for h in keep:
+            if not h.resident:
+                h.model = m  # not running: the next start uses the new table
+        if restart:
+            slot.rolling = [h.replica for h in keep if h.resident and h.model is not m]
+        else:
+            for h in keep:
+                h.model = m
+        if not m.on_demand and not slot.resident:
+            self._load(slot)
+
+    def _retire(self, h: WorkerHandle, why: str) -> None:
+        if h.proc is None:
+            h.state = "stopped"
+            return
+        self._retiring.append(h)
+        self._stop_worker(h, why)
 
     # -- messages ------------------------------------------------------------------------
     def _on_event(self, frames: list[bytes]) -> None:
@@ -569,27 +989,38 @@ class Supervisor:
             self._on_service_beat(ev)
             return
         assert isinstance(ev, (protocol.Hello, protocol.Heartbeat))
-        h = self.workers.get(ev.model)
-        if h is None or ev.generation != h.generation or h.proc is None:
+        h = self._by_generation.get(ev.generation)
+        if h is None or h.model.name != ev.model or h.proc is None:
             return  # a predecessor still shutting down, or a stranger
-        h.last_heartbeat = time.monotonic()
+        h.last_heartbeat = now = time.monotonic()
         if not isinstance(ev, protocol.Heartbeat):
             return
         h.load_progress = float(ev.load_progress or 0.0)
         inflight, progress = int(ev.inflight or 0), int(ev.progress or 0)
         if progress != h.progress or inflight == 0 or h.inflight == 0:
             h.progress_at = h.last_heartbeat
-        h.inflight, h.progress = inflight, progress
+        slot = self.models.get(h.model.name)
+        if slot is not None and h not in self._retiring and (
+                inflight or int(ev.requests or 0) != h.requests):
+            slot.last_used, slot.used = now, True
+        if slot is not None and ev.keep_alive is not None and \
+                ev.keep_alive != h.requested_keep_alive:
+            h.requested_keep_alive = slot.keep_alive_override = float(ev.keep_alive)
+        h.inflight, h.progress, h.requests = inflight, progress, int(ev.requests or 0)
+        h.rss_mb = rss_mb(h.pid)
         if ev.state == "error" and h.load_error is None:
             h.load_error = str(ev.error or "unknown error")
         elif ev.state == "ready" and h.state in ("starting", "restarting") and ev.endpoint:
             h.state = "ready"
-            h.ready_at = time.monotonic()
+            h.ready_at = now
             h.endpoint = ev.endpoint
-            log.info("worker %s ready (pid %s) on %s", h.model.name, h.pid, h.endpoint)
-            self._answer_all(self.registry.register(protocol.WorkerEndpoint(
-                model=h.model.name, endpoint=ev.endpoint, generation=h.generation,
-                pid=h.pid, backend=h.model.backend)))
+            if slot is not None and h.rss_mb:
+                slot.measured_mb = max(slot.measured_mb or 0.0, h.rss_mb)
+            log.info("worker %s ready (pid %s) on %s", self._label(h), h.pid, h.endpoint)
+            if h not in self._retiring:
+                self._answer_all(self.registry.register(protocol.WorkerEndpoint(
+                    model=h.model.name, endpoint=ev.endpoint, generation=h.generation,
+                    pid=h.pid, backend=h.model.backend, replica=h.replica)))
             self._notify()
 
     def _on_service_beat(self, ev: protocol.ServiceBeat) -> None:
@@ -619,24 +1050,56 @@ class Supervisor:
             elif cmd == "shutdown":
                 self._reply(peer, protocol.result(req_id, protocol.Stopping()))
                 self._request_stop()
-            elif cmd == "lookup":
-                found = self.registry.lookup(
-                    args["model"], (peer, req_id), time.monotonic(), args["wait_ms"],
-                    args["after_generation"])
-                if found is not None:
-                    self._reply(peer, protocol.result(req_id, found))
+            elif cmd in ("lookup", "load"):
+                self._lookup(peer, req_id, cmd, args)
+            elif cmd == "unload":
+                self.registry.check(args["model"])
+                self._unload(self.models[args["model"]], "unloaded by request")
+                self._reply(peer, protocol.result(req_id, protocol.Empty()))
+            elif cmd == "reload":
+                req = _ReloadRequest(None)
+                self._apply_reload(req)
+                if isinstance(req.outcome, LlamafleetError):
+                    raise req.outcome
+                assert req.outcome is not None
+                self._reply(peer, protocol.result(req_id, req.outcome))
         except LlamafleetError as exc:
             if req_id is None:
                 req_id = exc.data.pop("id", None)
             self._reply_error(peer, req_id, exc)
 
+    def _lookup(self, peer: bytes, req_id: Any, cmd: str, args: dict[str, Any]) -> None:
+        """``lookup`` (loading an unloaded model when the caller waits) and ``load``."""
+        name = args["model"]
+        self.registry.check(name)
+        slot = self.models[name]
+        now = time.monotonic()
+        if cmd == "load" and self.registry.failed(name):
+            self.registry.clear_failure(name)
+            for h in slot.handles:
+                if h.state == "failed":
+                    h.state = "unloaded"
+        if not slot.resident and not self.registry.failed(name) and \
+                (args["wait_ms"] > 0 or cmd == "load"):
+            slot.forced = slot.forced or cmd == "load"
+            self._request_load(slot)
+        found = self.registry.lookup(name, (peer, req_id), now, args["wait_ms"],
+                                     args.get("exclude", ()))
+        if found is not None:
+            slot.last_used, slot.used = now, True
+            self._reply(peer, protocol.result(req_id, found))
+
     def _answer_all(self, answers: list[tuple[Waiter, Answer]]) -> None:
         """Deliver the answers of ended lookups (from the registry)."""
+        now = time.monotonic()
         for waiter, answer in answers:
             peer, req_id = waiter.token  # what _on_control gave the registry
             if isinstance(answer, LlamafleetError):
                 self._reply_error(peer, req_id, answer)
             else:
+                slot = self.models.get(answer.model)
+                if slot is not None:
+                    slot.last_used, slot.used = now, True
                 self._reply(peer, protocol.result(req_id, answer))
 
     def _reply(self, peer: bytes, data: bytes) -> None:
@@ -651,15 +1114,18 @@ class Supervisor:
     # -- shutdown -------------------------------------------------------------------------
     def _shutdown(self, poller: zmq.Poller, pidfds: set[int]) -> None:
         self._shutting_down = True
-        log.info("stopping %d worker(s) (grace %.1fs)", len(self.workers),
-                 self.sup.shutdown_grace)
+        log.info("stopping %d worker(s) (grace %.1fs)",
+                 sum(1 for h in self.handles() if h.proc is not None), self.sup.shutdown_grace)
         self._answer_all(self.registry.shutdown())
+        for req in self._reloads:
+            req.outcome = ShuttingDown("the supervisor is shutting down")
+            req.done.set()
         for s in self.services.values():
             if s.proc is not None:
                 s.proc.terminate()
             elif s.state != "failed":
                 s.state = "stopped"
-        for h in self.workers.values():
+        for h in self.handles():
             if h.proc is not None:
                 h.proc.terminate()
             elif h.state != "failed":
@@ -691,10 +1157,11 @@ class Supervisor:
         for addr in (self.address, self.events_address):
             if addr.startswith("ipc://"):
                 Path(addr[6:]).unlink(missing_ok=True)
-        for name in self.workers:
-            ep = self.config.worker_endpoint(name)
-            if ep.startswith("ipc://"):
-                Path(ep[6:]).unlink(missing_ok=True)
+        for slot in self.models.values():
+            for r in range(slot.config.replicas):
+                ep = self.config.worker_endpoint(slot.name, r)
+                if ep.startswith("ipc://"):
+                    Path(ep[6:]).unlink(missing_ok=True)
         for s in self.services.values():
             s.close()
         auth = getattr(self, "_auth", None)
@@ -705,6 +1172,17 @@ class Supervisor:
             self._lock_fd = None
         self._ctx.term()
         log.info("supervisor stopped")
+
+
+@dataclass
+class _ReloadRequest:
+    """A reload asked for from another thread (or SIGHUP): ``config`` None re-reads
+    the file; the loop sets ``outcome`` and then ``done``."""
+
+    config: Config | None
+    outcome: protocol.Reloaded | LlamafleetError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
 
 
 def _drain(fd: int) -> None:

@@ -497,6 +497,8 @@ def field_values(lv: Live, cmd: str, name: str) -> st.SearchStrategy[Any]:
     table: dict[str, st.SearchStrategy[Any]] = {
         "seq": seqs,
         "tokens": token_lists(lv),
+        "continue_tokens": token_lists(lv),
+        "keep_alive": st.sampled_from([-1, 0, 0.5, 300, 10 ** 7, 10 ** 7 + 1, -2, None]),
         "text": st.one_of(TEXT, st.just("x" * protocol.MAX_TEXT_CHARS),
                           st.just("é" * 5000), st.just("<|im_start|>" * 50)),
         "prompt": st.one_of(TEXT, st.just("x" * (lv.n_ctx + 10)), st.just("hi")),
@@ -520,7 +522,8 @@ def field_values(lv: Live, cmd: str, name: str) -> st.SearchStrategy[Any]:
         "messages": st.lists(message, max_size=5),
         "system": st.one_of(TEXT, st.none()),
         "target": st.one_of(ANY_INT, st.just(lv._next_id)),
-        "model": names, "wait_ms": ANY_INT, "after_generation": ANY_INT,
+        "model": names, "wait_ms": ANY_INT,
+        "exclude": st.lists(st.integers(0, 2 ** 40), max_size=4) | ANY,
     }
     good = table.get(name, ANY)
     return st.one_of(good, good, good, ANY)

@@ -5,20 +5,30 @@ from __future__ import annotations
 import pytest
 
 from llamafleet.runtime.errors import NotFound, ShuttingDown, Unavailable, WorkerFailed
-from llamafleet.runtime.protocol import WorkerEndpoint
+from llamafleet.runtime.protocol import ModelEndpoints, WorkerEndpoint
 from llamafleet.runtime.registry import Registry, Waiter
 
 
 def ep(model: str = "a", generation: int = 1, endpoint: str = "ipc:///tmp/w-a.sock",
-       pid: int | None = 10) -> WorkerEndpoint:
+       pid: int | None = 10, replica: int = 0) -> WorkerEndpoint:
     return WorkerEndpoint(model=model, endpoint=endpoint, generation=generation, pid=pid,
-                          backend="fake")
+                          backend="fake", replica=replica)
+
+
+def eps(*endpoints: WorkerEndpoint, replicas: int = 1) -> ModelEndpoints:
+    return ModelEndpoints(model=endpoints[0].model, endpoints=list(endpoints),
+                          replicas=replicas)
+
+
+REPLICAS = {"a": 1, "b": 1}
 
 
 @pytest.fixture
 def reg() -> Registry:
     states = {"a": "starting", "b": "restarting"}
-    return Registry(["a", "b"], describe=lambda m: {"model": m, "state": states[m]})
+    REPLICAS.update(a=1, b=1)
+    return Registry(["a", "b"], describe=lambda m: {"model": m, "state": states[m]},
+                    replicas=REPLICAS.__getitem__)
 
 
 def test_unknown_model_is_not_found(reg: Registry) -> None:
@@ -35,31 +45,72 @@ def test_not_ready_without_wait_is_unavailable_with_the_state(reg: Registry) -> 
 
 def test_register_then_lookup(reg: Registry) -> None:
     assert reg.register(ep()) == []
-    assert reg.lookup("a", "t", now=0.0) == ep()
+    assert reg.lookup("a", "t", now=0.0) == eps(ep())
     assert reg.endpoints("a") == [ep()] and reg.endpoints("b") == []
 
 
-def test_after_generation_answers_only_with_a_newer_one(reg: Registry) -> None:
+def test_exclude_answers_only_with_another_generation(reg: Registry) -> None:
     reg.register(ep(generation=3))
-    assert reg.lookup("a", "t", now=0.0, after_generation=2).generation == 3
+    assert reg.lookup("a", "t", now=0.0, exclude=[2]) == eps(ep(generation=3))
     with pytest.raises(Unavailable):
-        reg.lookup("a", "t", now=0.0, after_generation=3)
-    assert reg.lookup("a", "w", now=0.0, wait_ms=1000, after_generation=3) is None
+        reg.lookup("a", "t", now=0.0, exclude=[3])
+    assert reg.lookup("a", "w", now=0.0, wait_ms=1000, exclude=[3]) is None
     assert [w.token for w in reg.waiters("a")] == ["w"]
-    # the next generation answers that waiter
+    # the restarted replica (a new generation) answers that waiter and replaces the old
     answered = reg.register(ep(generation=4))
-    assert answered == [(Waiter("w", "a", 1.0, 3), ep(generation=4))]
-    assert reg.endpoints("a") == [ep(generation=4)]  # same address: replaced
+    assert answered == [(Waiter("w", "a", 1.0, frozenset({3})), eps(ep(generation=4)))]
+    assert reg.endpoints("a") == [ep(generation=4)]
 
 
-def test_waiters_get_the_endpoint_when_ready(reg: Registry) -> None:
+def test_waiters_get_the_endpoints_when_ready(reg: Registry) -> None:
     assert reg.lookup("a", "t1", now=0.0, wait_ms=500) is None
-    assert reg.lookup("a", "t2", now=0.1, wait_ms=500, after_generation=1) is None
+    assert reg.lookup("a", "t2", now=0.1, wait_ms=500, exclude=[1]) is None
     assert reg.lookup("b", "t3", now=0.2, wait_ms=500) is None
     assert reg.next_deadline() == pytest.approx(0.5)
     answered = reg.register(ep(generation=1))
-    assert [(w.token, a) for w, a in answered] == [("t1", ep(generation=1))]
-    assert [w.token for w in reg.waiters()] == ["t2", "t3"]  # too old a generation, other model
+    assert [(w.token, a) for w, a in answered] == [("t1", eps(ep(generation=1)))]
+    assert [w.token for w in reg.waiters()] == ["t2", "t3"]  # a dead generation, other model
+
+
+def test_replicas_are_listed_in_order_and_replaced_one_by_one(reg: Registry) -> None:
+    REPLICAS["a"] = 3
+    r0 = ep(generation=5, endpoint="ipc:///tmp/w-a.0.sock", replica=0)
+    r1 = ep(generation=2, endpoint="ipc:///tmp/w-a.1.sock", replica=1)
+    r2 = ep(generation=3, endpoint="ipc:///tmp/w-a.2.sock", replica=2)
+    reg.register(r2)
+    reg.register(r0)
+    reg.register(r1)
+    assert reg.lookup("a", "t", now=0.0) == eps(r0, r1, r2, replicas=3)
+    # a client that saw replica 1 die is still answered with the other two at once
+    assert reg.lookup("a", "t", now=0.0, exclude=[2]) == eps(r0, r2, replicas=3)
+    # replica 1 restarted: its new generation replaces it, nothing else moves
+    new1 = ep(generation=9, endpoint="ipc:///tmp/w-a.1.sock", replica=1)
+    reg.register(new1)
+    assert reg.endpoints("a") == [r0, new1, r2]
+    reg.unregister("a", generation=5)
+    assert reg.endpoints("a") == [new1, r2]
+
+
+def test_added_and_removed_models(reg: Registry) -> None:
+    reg.add("c")
+    assert "c" in reg.models
+    assert reg.lookup("c", "w1", now=0.0, wait_ms=1000) is None
+    answered = reg.remove("c")
+    assert [w.token for w, _ in answered] == ["w1"]
+    assert isinstance(answered[0][1], NotFound) and "removed" in answered[0][1].message
+    with pytest.raises(NotFound):
+        reg.lookup("c", "t", now=0.0)
+    reg.check("a")  # the others are untouched
+
+
+def test_refuse_ends_the_waits_of_one_model(reg: Registry) -> None:
+    from llamafleet.runtime.errors import Overloaded
+    reg.lookup("a", "w1", now=0.0, wait_ms=1000)
+    reg.lookup("b", "w2", now=0.0, wait_ms=1000)
+    answered = reg.refuse("a", Overloaded("no room"))
+    assert [w.token for w, _ in answered] == ["w1"]
+    assert [w.token for w in reg.waiters()] == ["w2"]
+    assert not reg.failed("a")
 
 
 def test_waiters_time_out_with_unavailable(reg: Registry) -> None:
@@ -97,19 +148,19 @@ def test_unregister_withdraws_the_endpoint(reg: Registry) -> None:
         reg.lookup("a", "t", now=0.0)
 
 
-def test_a_model_holds_a_list_of_endpoints(reg: Registry) -> None:
+def test_a_model_holds_one_endpoint_per_replica(reg: Registry) -> None:
     one, two = ep(endpoint="tcp://h1:5000"), ep(generation=2, endpoint="tcp://h2:5000")
     reg.register(one)
     reg.register(two)
-    assert reg.endpoints("a") == [one, two]
-    assert reg.lookup("a", "t", now=0.0, after_generation=1) == two
+    assert reg.endpoints("a") == [two]  # the same replica (0): the newer one replaces it
+    assert reg.lookup("a", "t", now=0.0, exclude=[1]) == eps(two)
     reg.unregister("a")
     assert reg.endpoints("a") == []
 
 
 def test_shutdown_answers_every_waiter_and_refuses_lookups(reg: Registry) -> None:
     reg.register(ep())
-    reg.lookup("a", "t1", now=0.0, wait_ms=1000, after_generation=1)
+    reg.lookup("a", "t1", now=0.0, wait_ms=1000, exclude=[1])
     reg.lookup("b", "t2", now=0.0, wait_ms=1000)
     answered = reg.shutdown()
     assert [w.token for w, _ in answered] == ["t1", "t2"]

@@ -29,7 +29,7 @@ SLOW = {"backend": "fake", "token_delay": 0.02, "n_seq_max": 4}
 
 def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet) -> None:
     sup = fleet({"slow": SLOW})
-    with Client(sup.address, timeout=30) as c:
+    with Client(sup.address, timeout=30, resume=False) as c:
         before = c.generate("slow", "abc", max_tokens=5, temperature=0)
         stream = c.stream("slow", "abc", max_tokens=60_000, ignore_eos=True, temperature=0)
         for _ in range(3):
@@ -53,7 +53,7 @@ def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet) -> Non
 def test_every_call_in_flight_ends_with_worker_crashed(fleet) -> None:
     sup = fleet({"slow": SLOW})
     results: list[BaseException | None] = []
-    with Client(sup.address, timeout=30) as c:
+    with Client(sup.address, timeout=30, resume=False) as c:
         c.ping("slow")
 
         def call() -> None:
@@ -79,7 +79,7 @@ def test_async_client_sees_the_crash_and_recovers(fleet) -> None:
     sup = fleet({"slow": SLOW})
 
     async def main() -> None:
-        async with AsyncClient(sup.address, timeout=30) as c:
+        async with AsyncClient(sup.address, timeout=30, resume=False) as c:
             stream = c.stream("slow", "abc", max_tokens=60_000, ignore_eos=True)
             await stream.__anext__()
             kill(worker_pid(sup, "slow"))
@@ -135,7 +135,7 @@ def test_unloadable_model_fails_fast_with_the_reason(fleet, tmp_path: Path) -> N
 
 def test_wedged_worker_is_killed_by_heartbeat_timeout(fleet) -> None:
     sup = fleet({"slow": SLOW})
-    with Client(sup.address, timeout=30) as c:
+    with Client(sup.address, timeout=30, resume=False) as c:
         pid = worker_pid(sup, "slow")
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
@@ -357,20 +357,23 @@ def test_the_registry_follows_the_worker_and_answers_lookups(fleet) -> None:
     try:
         s.send(protocol.request(1, "lookup", {"model": "slow"}))
         reply = recv()
-        assert reply["kind"] == "result" and reply["result"]["generation"] == 1
-        # the caller saw generation 1 die: it waits for generation 2
+        assert reply["kind"] == "result"
+        assert [e["generation"] for e in reply["result"]["endpoints"]] == [1]
+        assert reply["result"]["replicas"] == 1
+        # the caller saw generation 1 die: it waits for another one
         s.send(protocol.request(2, "lookup", {"model": "slow", "wait_ms": 20_000,
-                                              "after_generation": 1}))
+                                              "exclude": [1]}))
         assert not s.poll(200)  # generation 1 is still there: no answer yet
         kill(worker_pid(sup, "slow"))
         reply = recv(20_000)
-        assert reply["id"] == 2 and reply["result"]["generation"] == 2
+        assert reply["id"] == 2
+        assert [e["generation"] for e in reply["result"]["endpoints"]] == [2]
         assert [e.generation for e in sup.registry.endpoints("slow")] == [2]
         # a wait that ends before the model is ready is answered unavailable
         kill(worker_pid(sup, "slow"))
         wait_for(lambda: sup.registry.endpoints("slow") == [], timeout=5)
         s.send(protocol.request(3, "lookup", {"model": "slow", "wait_ms": 1,
-                                              "after_generation": 99}))
+                                              "exclude": [2, 3]}))
         reply = recv()
         assert reply["kind"] == "error" and reply["error"]["code"] == "unavailable"
         assert reply["error"]["data"]["model"] == "slow"
@@ -393,7 +396,7 @@ def test_shutdown_answers_every_queued_request(fleet) -> None:
             t.start()
             wait_for(lambda: c.status()[0]["inflight"] == 1, timeout=5)
             s.send(protocol.request(0, "lookup", {"model": "m", "wait_ms": 60_000,
-                                                  "after_generation": 1}))
+                                                  "exclude": [1]}))
             stopper = threading.Thread(target=sup.stop)
             stopper.start()
             wait_for(lambda: sup._shutting_down, timeout=5)

@@ -145,6 +145,12 @@ class Backend(ABC):
         ends the generation cleanly). Raises BadRequest if the sequence has no
         logits (nothing evaluated yet)."""
 
+    def accept(self, seq: int, tokens: Sequence[int]) -> None:
+        """Feed tokens produced earlier into the sequence's sampler state (grammar,
+        penalties) as if :meth:`sample` had chosen them: a generation another worker
+        began resumes here. Backends whose samplers keep state implement it."""
+        raise NotSupported(f"{self.name} backend cannot resume a generation")
+
     def token_logprob(self, seq: int, token: int, top_n: int) -> TokenLogprob:
         """The logprob of ``token``, just sampled for ``seq``, and the ``top_n`` likeliest
         tokens of that step (a protocol.TokenLogprob map): the log-softmax of the

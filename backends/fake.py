@@ -307,6 +307,15 @@ class FakeBackend(Backend):
             s.matcher.accept_byte(token - BYTE0)
         return token
 
+    def accept(self, seq: int, tokens: Sequence[int]) -> None:
+        s = self._seq(seq)
+        self.check_tokens(tokens)
+        for token in tokens:
+            if s.matcher is not None and BYTE0 <= token < BYTE0 + 256:
+                if not s.matcher.accepts_byte(token - BYTE0):
+                    raise BadRequest(f"token {token} breaks this request's grammar")
+                s.matcher.accept_byte(token - BYTE0)
+
     @staticmethod
     def _draw(candidates: list[int], scores: list[float], p: SamplingParams,
               rng: random.Random) -> int:

@@ -46,7 +46,9 @@ class Generation:
     def __init__(self, *, peer: bytes, req_id: int, stream: bool, prompt_tokens: list[int],
                  params: SamplingParams, max_tokens: int, stop: list[str], ignore_eos: bool,
                  seq: int | None, deadline: float | None, session: str | None,
-                 model: str = "", logprobs: int | None = None) -> None:
+                 model: str = "", logprobs: int | None = None,
+                 continued: list[int] | None = None,
+                 continued_pieces: list[bytes] | None = None) -> None:
         self.peer = peer
         self.req_id = req_id
         self.stream = stream
@@ -67,10 +69,16 @@ class Generation:
         #: the caller named this sequence (it keeps its KV afterwards)
         self.explicit_seq = seq is not None
         self.seq: int | None = seq
-        self.pending: list[int] = list(prompt_tokens)
+        #: output a dead worker already produced (resumed here): it follows the prompt
+        #: in the KV, counts as output and primes the text stream (its text was sent)
+        self.continued = list(continued or ())
+        self.pending: list[int] = [*prompt_tokens, *self.continued]
         self.text = TextStream(stop)
-        self.tokens: list[int] = []
-        self.stats = GenerationStats(prompt_tokens=len(prompt_tokens))
+        for piece in continued_pieces or ():
+            self.text.push(piece)
+        self.tokens: list[int] = list(self.continued)
+        self.stats = GenerationStats(prompt_tokens=len(prompt_tokens),
+                                     generated_tokens=len(self.continued))
         self.finish_reason: str | None = None
         # streamed output not sent yet, and when the last chunk went out
         self.out_text = ""
@@ -92,6 +100,11 @@ class Generation:
     def key(self) -> tuple[bytes, int]:
         """Request ids are per client: (client identity, id) names a request."""
         return (self.peer, self.req_id)
+
+    @property
+    def input_tokens(self) -> list[int]:
+        """What goes into the KV before sampling: the prompt, then any resumed output."""
+        return [*self.prompt_tokens, *self.continued] if self.continued else self.prompt_tokens
 
     @property
     def done(self) -> bool:

@@ -236,6 +236,14 @@ def generate(w: Worker, a: Args, caller: Key) -> None:
         prompt_tokens = b.tokenize(a["prompt"], a["add_special"], a["parse_special"])
     params = w.sampling(a["sampling"])
     mi = b.info()
+    continued = list(a["continue_tokens"])
+    if continued:
+        if a["seq"] is not None:
+            raise BadRequest("generate: continue_tokens resumes a generation in a sequence "
+                             "of its own; do not give seq")
+        b.check_tokens(continued)  # at max_tokens already: it ends at once ("length")
+    if a["keep_alive"] is not None:
+        w.requested_keep_alive = float(a["keep_alive"])
     if a["logprobs"] is not None and "logprobs" not in mi.features:
         raise NotSupported(f"the {mi.backend} backend does not report logprobs")
     in_use = 0
@@ -246,7 +254,7 @@ def generate(w: Worker, a: Args, caller: Key) -> None:
             raise BadRequest(f"generate: sequence {a['seq']} is empty and no prompt was given")
     elif not prompt_tokens:
         raise BadRequest("generate: empty prompt")
-    if in_use + len(prompt_tokens) + 1 > mi.n_ctx:
+    if in_use + len(prompt_tokens) + len(continued) + 1 > mi.n_ctx:
         raise BadRequest(f"prompt of {len(prompt_tokens)} tokens does not fit the context "
                          f"({mi.n_ctx} tokens, {in_use} in use)",
                          data={"n_ctx": mi.n_ctx, "prompt_tokens": len(prompt_tokens)})
@@ -257,7 +265,9 @@ def generate(w: Worker, a: Args, caller: Key) -> None:
         peer=caller[0], req_id=caller[1], stream=a["stream"], prompt_tokens=prompt_tokens,
         params=params, max_tokens=min(a["max_tokens"], mi.n_ctx - in_use - len(prompt_tokens)),
         stop=a["stop"], ignore_eos=a["ignore_eos"], seq=a["seq"], deadline=deadline,
-        session=a["session"], model=w.spec.model, logprobs=a["logprobs"]))
+        session=a["session"], model=w.spec.model, logprobs=a["logprobs"],
+        continued=continued,
+        continued_pieces=[b.token_to_piece(t, special=False) for t in continued]))
     return None
 
 

@@ -193,6 +193,8 @@ class Scheduler:
                 self._restore_prefix(g)
             # after the restore: restoring may reset the sequence's sampler
             self.backend.set_sampling(seq, g.params)
+            if g.continued:
+                self.backend.accept(seq, g.continued)
         except BaseException:
             self.running.pop(g.key, None)
             self._release(g)
@@ -213,7 +215,7 @@ class Scheduler:
         ns = self._namespace()
         if ns is None or self.cache is None:
             return
-        prompt = g.prompt_tokens
+        prompt = g.input_tokens
         found = [self.cache.lookup(ns, prompt)]
         if g.session is not None:
             entry = self.cache.session_entry(ns, g.session)

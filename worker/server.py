@@ -55,6 +55,9 @@ class Worker:
         self.endpoint: str | None = None
         self.error: str | None = None
         self.progress = 0          # completed units of work (for the progress watchdog)
+        self.requests = 0          # requests received (the supervisor sees activity)
+        #: the keep_alive the latest request asked for (reported in heartbeats)
+        self.requested_keep_alive: float | None = None
         self.scheduler: Scheduler | None = None
         self.cache: PrefixCache | None = None
         self.default_sampling: dict[str, Any] = {}
@@ -135,7 +138,8 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, f"{self.spec.model}:{self.spec.generation}".encode())
         sock.connect(self.spec.events_endpoint)
         sock.send(protocol.encode_event(protocol.Hello(
-            model=self.spec.model, pid=os.getpid(), generation=self.spec.generation)))
+            model=self.spec.model, pid=os.getpid(), generation=self.spec.generation,
+            replica=self.spec.replica)))
         interval = self.spec.heartbeat_interval
         next_beat = 0.0
         while True:
@@ -153,7 +157,9 @@ class Worker:
                     generation=self.spec.generation, state=self.state,
                     load_progress=self.load_progress, endpoint=self.endpoint,
                     error=self.error, progress=self.progress,
-                    inflight=self.scheduler.inflight() if self.scheduler else 0)))
+                    inflight=self.scheduler.inflight() if self.scheduler else 0,
+                    replica=self.spec.replica, requests=self.requests,
+                    keep_alive=self.requested_keep_alive)))
             # Sleep until the next heartbeat unless something must be watched closely:
             # every wake-up takes a core from the decode threads. A signal (wakeup fd)
             # or a kick (state change, abort deadline armed) ends the sleep early.
@@ -327,6 +333,7 @@ class Worker:
         peer, payload = frames
         req_id: Any = None
         cmd: str | None = None
+        self.requests += 1
         try:
             req_id, cmd, args = protocol.parse_request(payload)
             if protocol.COMMANDS[cmd].target != "worker":

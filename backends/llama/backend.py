@@ -442,6 +442,16 @@ class LlamaBackend(Backend):
             smp = self._samplers[s] = self._build_sampler(self.default_params, s)
         return smp.sample(self._logits[s])
 
+    def accept(self, seq: int, tokens: Sequence[int]) -> None:
+        self._need()
+        s = self._check_seq(seq)
+        self.check_tokens(tokens)
+        smp = self._samplers[s]
+        if smp is None:
+            smp = self._samplers[s] = self._build_sampler(self.default_params, s)
+        for t in tokens:
+            smp.accept(int(t))
+
     # ------------------------------------------------------------------ KV state
     def _kv_shape(self) -> kvformat.KVShape:
         return kvformat.KVShape(

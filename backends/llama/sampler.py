@@ -181,6 +181,13 @@ class SeqSampler:
         self.grammar.apply(cand.single(tok))
         return not cand.single_masked()
 
+    def accept(self, tok: int) -> None:
+        """Advance the grammar and the chain's state by ``tok``, chosen elsewhere."""
+        if self.grammar is not None:
+            self.grammar.accept(tok)
+        if self.post is not None:
+            self.post.accept(tok)
+
     def sample(self, logits: np.ndarray) -> int | None:
         """The next token for these logits (accepted into the sampler state), or
         None when the grammar (or bias) leaves nothing admissible."""

@@ -1,10 +1,11 @@
 """The asyncio client (the core; :class:`client.Client` wraps it).
 
-One DEALER socket per model worker, found through the supervisor. A socket
-monitor watches each worker connection: when the worker dies, every call in
-flight on it ends at once with :class:`~runtime.errors.WorkerCrashed`
-(retryable), and the next call looks the model up again and reaches the
-restarted worker.
+One DEALER socket per worker (each replica of each model), found through the
+supervisor's ``lookup`` (:mod:`client.pool`). When a worker dies, every call in
+flight on it ends at once with :class:`~runtime.errors.WorkerCrashed`; with
+``resume`` on (the default) a generation without an explicit ``seq`` is
+resubmitted to a ready replica or the restarted worker, a stream continuing
+from the tokens it already produced, and the caller sees one result.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from llamafleet.client.pool import Call, ModelPool, WorkerConn, auth_error
 from llamafleet.runtime import protocol
 from llamafleet.runtime.config import default_address
 from llamafleet.runtime.errors import (
-    AuthenticationFailed,
     BadRequest,
     Cancelled,
     LlamafleetError,
+    NotSupported,
     ProtocolError,
     RequestTimeout,
+    ShuttingDown,
     Unavailable,
     WorkerCrashed,
     error_from_wire,
@@ -45,18 +48,11 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
 SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
-_DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED,
-                zmq.EVENT_MONITOR_STOPPED}
-_AUTH_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-
-
-def _auth_error(address: str) -> AuthenticationFailed:
-    return AuthenticationFailed(
-        f"CURVE handshake with {address} failed: wrong server key, a client key that is not "
-        "authorized, or an endpoint that needs CURVE keys this client did not use")
-
-
+#: commands sent again after their worker died (no state on it; same answer anywhere)
+_RESENDABLE = frozenset({"generate", "ping", "info", "metrics", "tokenize", "detokenize",
+                         "embed", "apply_chat_template"})
+#: commands that change one worker's state (refused on a replicated model)
+_PER_WORKER = frozenset({"load_adapter", "unload_adapter", "set_adapters"})
 def sampling_from(kwargs: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Split sampling keyword arguments out; TypeError for unknown ones."""
     unknown = set(kwargs) - SAMPLING_KEYS
@@ -67,106 +63,27 @@ def sampling_from(kwargs: dict[str, Any], base: dict[str, Any] | None = None) ->
     return merged
 
 
-class _Call:
-    """A request in flight: replies are queued until the caller reads them."""
-
-    __slots__ = ("id", "queue", "conn")
-
-    def __init__(self, req_id: int, conn: _WorkerConn) -> None:
-        self.id = req_id
-        self.conn = conn
-        self.queue: asyncio.Queue[dict[str, Any] | LlamafleetError] = asyncio.Queue()
-
-
-class _WorkerConn:
-    """The connection to one generation of one model's worker."""
-
-    def __init__(self, client: AsyncClient, model: str, endpoint: str, generation: int) -> None:
-        self.model = model
-        self.endpoint = endpoint
-        self.generation = generation
-        self.calls: dict[int, _Call] = {}
-        self.dead: LlamafleetError | None = None
-        self.sock = client._ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        client._secure(self.sock, endpoint)
-        self.monitor = self.sock.get_monitor_socket()
-        self.sock.connect(endpoint)
-        self.connected = False
-        # a failed handshake means "refused" only where CURVE is in play; on ipc:// it
-        # is a peer that died (or froze) mid-handshake
-        self.secured = client._curve is not None and endpoint.startswith("tcp://")
-        self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                frames = await self.sock.recv_multipart()
-                try:
-                    msg = protocol.unpack(frames[-1])
-                except ProtocolError as exc:
-                    log.warning("dropping bad reply from %s: %s", self.model, exc)
-                    continue
-                call = self.calls.get(msg.get("id"))  # type: ignore[arg-type]
-                if call is not None:
-                    call.queue.put_nowait(msg)
-        except (asyncio.CancelledError, zmq.ZMQError):
-            pass
-
-    async def _watch(self) -> None:
-        try:
-            while True:
-                evt = parse_monitor_message(await self.monitor.recv_multipart())
-                if evt["event"] == zmq.EVENT_CONNECTED:
-                    self.connected = True
-                elif evt["event"] in _AUTH_EVENTS and (
-                        self.secured or evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH):
-                    self.fail(_auth_error(self.endpoint))
-                    return
-                elif evt["event"] in _DEAD_EVENTS | _AUTH_EVENTS:
-                    self.fail(WorkerCrashed(
-                        f"worker of model {self.model} went away (generation {self.generation})",
-                        data={"model": self.model, "generation": self.generation}))
-                    return
-        except (asyncio.CancelledError, zmq.ZMQError):
-            pass
-
-    def fail(self, err: LlamafleetError) -> None:
-        """Mark dead and end every call in flight with ``err``."""
-        if self.dead is None:
-            self.dead = err
-        for call in list(self.calls.values()):
-            call.queue.put_nowait(err)
-        self.close()
-
-    def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
-
-
 class AsyncStream:
     """Async iterator over the text deltas of a streamed generation.
 
     ``tokens`` collects token ids as they arrive; ``result`` holds the final
-    :class:`Completion` once the stream is exhausted; ``cancel()`` stops it."""
+    :class:`Completion` once the stream is exhausted; ``cancel()`` stops it. When
+    its worker dies (and ``resume`` is on) it continues on another worker from the
+    tokens it already has: the caller sees no seam, ``result.stats.resumed`` counts."""
 
     def __init__(self, client: AsyncClient, model: str, args: dict[str, Any],
-                 timeout: float | None) -> None:
+                 timeout: float | None, resume: bool) -> None:
         self._client = client
         self._model = model
         self._args = args
         self._timeout = timeout
-        self._call: _Call | None = None
+        self._resume = resume
+        self._call: Call | None = None
         self._deadline: float | None = None
         self._done = False
+        self._resumed = 0
+        #: logprobs of the tokens produced before the latest resume
+        self._earlier_logprobs: list[protocol.TokenLogprob] = []
         self.tokens: list[int] = []
         #: with ``logprobs``: one protocol.TokenLogprob map per token so far
         self.logprobs: list[protocol.TokenLogprob] = []
@@ -178,15 +95,22 @@ class AsyncStream:
     async def __anext__(self) -> str:
         if self._done:
             raise StopAsyncIteration
-        loop = asyncio.get_running_loop()
+        client = self._client
         if self._call is None:
-            t = self._client._timeout(self._timeout)
-            self._deadline = loop.time() + t
-            self._call = await self._client._send(self._model, "generate", self._args,
-                                                  deadline=self._deadline)
+            self._deadline = asyncio.get_running_loop().time() + client._timeout(self._timeout)
+            await self._submit(self._args)
+        assert self._call is not None and self._deadline is not None
         while True:
             try:
-                msg = await self._client._next(self._call, self._deadline)
+                msg = await client._next(self._call, self._deadline)
+            except (WorkerCrashed, ShuttingDown) as exc:
+                if not client._may_resume(self._call, exc, self._resume, self._resumed,
+                                          self._deadline):
+                    self._done = True
+                    await self._abandon()
+                    raise
+                await self._continue(exc)
+                continue
             except BaseException:
                 self._done = True
                 await self._abandon()
@@ -200,9 +124,34 @@ class AsyncStream:
                     return data["text"]
                 continue
             self._done = True
-            self._client._forget(self._call)
-            self.result = Completion.from_wire(msg["result"])
+            client._forget(self._call)
+            result = Completion.from_wire(msg["result"])
+            result.stats.resumed = self._resumed
+            if self._resumed and result.logprobs is not None:
+                result.logprobs = [*self._earlier_logprobs, *result.logprobs]
+            self.result = result
             raise StopAsyncIteration
+
+    async def _submit(self, args: dict[str, Any]) -> None:
+        assert self._deadline is not None
+        try:
+            self._call = await self._client._send(self._model, "generate", args,
+                                                  deadline=self._deadline)
+        except BaseException:
+            self._done = True
+            raise
+
+    async def _continue(self, exc: LlamafleetError) -> None:
+        """Resubmit after the worker died: the prompt, then what it already produced."""
+        assert self._call is not None and self._deadline is not None
+        self._client._forget(self._call)
+        self._resumed += 1
+        log.info("resuming a stream of %s after %d token(s): %s", self._model,
+                 len(self.tokens), exc.message)
+        self._earlier_logprobs = list(self.logprobs)
+        args = {**self._args, "continue_tokens": list(self.tokens),
+                "deadline_ms": self._client._deadline_ms(self._deadline)}
+        await self._submit(args)
 
     async def _abandon(self) -> None:
         if self._call is not None:
@@ -239,15 +188,22 @@ class AsyncClient:
     directory's). ``timeout`` is the default per-call limit in seconds;
     ``connect_timeout`` bounds how long a call waits for a (re)starting worker, and
     (unless ``control_timeout`` says otherwise) for the supervisor to answer at all:
-    past it, a call raises the retryable :class:`Unavailable`.
+    past it, a call raises the retryable :class:`Unavailable`. ``resume`` (default
+    on; each call may override it) resubmits work whose worker died or left: a
+    ``generate``/``stream`` without ``seq`` continues on another worker, a read-only
+    command is sent again; at most :attr:`max_resumes` times, within the deadline.
     """
+
+    #: resubmissions of one call at most (each after its worker died or left)
+    max_resumes = 3
 
     def __init__(self, address: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  control_timeout: float | None = None,
                  curve_server_key: str | bytes | None = None,
-                 curve_client_cert: str | None = None) -> None:
+                 curve_client_cert: str | None = None, resume: bool = True) -> None:
         self.address = address or default_address()
+        self.resume = resume
         # CURVE for tcp:// (arguments, else $LLAMAFLEET_CURVE_SERVER_KEY / _CLIENT_CERT)
         server_key = curve_server_key or os.environ.get("LLAMAFLEET_CURVE_SERVER_KEY")
         client_cert = curve_client_cert or os.environ.get("LLAMAFLEET_CURVE_CLIENT_CERT")
@@ -264,7 +220,7 @@ class AsyncClient:
         self.control_timeout = connect_timeout if control_timeout is None else control_timeout
         self._ctx = zmq.asyncio.Context()
         self._ids = itertools.count(1)
-        self._conns: dict[str, _WorkerConn] = {}
+        self._pools: dict[str, ModelPool] = {}
         self._control: zmq.asyncio.Socket | None = None
         self._control_calls: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._control_reader: asyncio.Future[None] | None = None
@@ -272,8 +228,6 @@ class AsyncClient:
         #: set while the control connection's handshake has succeeded
         self._control_up = asyncio.Event()
         self._control_error: LlamafleetError | None = None
-        self._lookups: dict[str, asyncio.Lock] = {}
-        self._dead_generation: dict[str, int] = {}
         self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -287,9 +241,8 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        for conn in list(self._conns.values()):
-            conn.fail(Cancelled("client closed"))
-        self._conns.clear()
+        for pool in self._pools.values():
+            pool.close(Cancelled("client closed"))
         self._end_control_calls(Cancelled("client closed"))
         self._close_control()
         self._ctx.term()
@@ -403,7 +356,7 @@ class AsyncClient:
                                     data={"address": self.address}).to_wire()})
                             self._control_up.clear()
                         elif event & auth_events:
-                            self._end_control_calls(_auth_error(self.address))
+                            self._end_control_calls(auth_error(self.address))
                         continue
                     frames = await self._control.recv_multipart()
                     try:
@@ -418,40 +371,74 @@ class AsyncClient:
         finally:
             monitor.close(linger=0)
 
-    async def _conn(self, model: str, deadline: float) -> _WorkerConn:
-        conn = self._conns.get(model)
-        if conn is not None and conn.dead is None:
-            return conn
-        lock = self._lookups.setdefault(model, asyncio.Lock())
-        async with lock:
-            conn = self._conns.get(model)
-            if conn is not None and conn.dead is None:
-                return conn
+    def _pool(self, model: str) -> ModelPool:
+        pool = self._pools.get(model)
+        if pool is None:
+            pool = self._pools[model] = ModelPool(model)
+        return pool
+
+    def _connections(self) -> list[WorkerConn]:
+        """Every open worker connection (for tests and diagnostics)."""
+        return [c for pool in self._pools.values() for c in pool.conns.values()]
+
+    async def _conn(self, model: str, deadline: float, session: str | None = None,
+                    seq: int | None = None) -> WorkerConn:
+        """The connection a request goes to (looking the model up when this client
+        knows no live worker of it, or fewer than it has replicas)."""
+        pool = self._pool(model)
+        loop = asyncio.get_running_loop()
+        while True:
+            if pool.needs_lookup(loop.time()):
+                async with pool.lock:
+                    if pool.needs_lookup(loop.time()):
+                        await self._refresh(pool, deadline)
+            conn = pool.pick(pool.live(), session, seq)
             if conn is not None:
-                self._dead_generation[model] = max(self._dead_generation.get(model, 0),
-                                                   conn.generation)
-            left = deadline - asyncio.get_running_loop().time()
-            wait = max(0.0, min(left, self.connect_timeout))
-            found = await self._supervisor("lookup", {
-                "model": model, "wait_ms": int(wait * 1000),
-                "after_generation": self._dead_generation.get(model, 0)}, timeout=wait + 5.0)
-            conn = _WorkerConn(self, model, found["endpoint"], found["generation"])
-            self._conns[model] = conn
-            return conn
+                return conn
+            # an explicit sequence's replica is (re)starting: wait for it
+            if loop.time() >= deadline:
+                raise Unavailable(f"replica {seq % pool.replicas if seq else 0} of model "
+                                  f"{model} is not ready", data={"model": model})
+            pool.refreshed = float("-inf")
+            await asyncio.sleep(0.05)
+
+    async def _refresh(self, pool: ModelPool, deadline: float) -> None:
+        """Ask the supervisor for the model's ready workers (waiting for one only when
+        this client has none)."""
+        loop = asyncio.get_running_loop()
+        have = bool(pool.live())
+        left = deadline - loop.time()
+        wait = 0.0 if have else max(0.0, min(left, self.connect_timeout))
+        try:
+            found = protocol.ModelEndpoints.from_wire(await self._supervisor("lookup", {
+                "model": pool.model, "wait_ms": int(wait * 1000),
+                "exclude": list(pool.dead)}, timeout=wait + 5.0))
+        except (Unavailable, RequestTimeout):
+            if not have:
+                raise
+            pool.refreshed = loop.time()  # serve on what is live; ask again later
+            return
+        pool.update(found, loop.time(), lambda e: WorkerConn(self, e))
 
     async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
-                    deadline: float) -> _Call:
+                    deadline: float) -> Call:
         protocol.validate_args(cmd, args)
         if self._closed:
             raise Cancelled("client closed")
-        conn = await self._conn(model, deadline)
-        call = _Call(next(self._ids), conn)
+        seq = args.get("seq")
+        conn = await self._conn(model, deadline, args.get("session"),
+                                seq if isinstance(seq, int) else None)
+        if cmd in _PER_WORKER and self._pool(model).replicas > 1:
+            raise NotSupported(f"{cmd} changes one worker's state, and model {model} has "
+                               f"{self._pool(model).replicas} replicas: configure adapters "
+                               "in the model's table instead")
+        call = Call(next(self._ids), conn)
         frame = protocol.request(call.id, cmd, args)  # BadRequest before it is registered
         conn.calls[call.id] = call
         await conn.sock.send(frame)
         return call
 
-    async def _next(self, call: _Call, deadline: float | None) -> dict[str, Any]:
+    async def _next(self, call: Call, deadline: float | None) -> dict[str, Any]:
         """The next reply of a call; raises its error."""
         if not call.queue.empty():  # streaming fast path: no timer, no extra task
             msg = call.queue.get_nowait()
@@ -465,13 +452,35 @@ class AsyncClient:
         if isinstance(msg, LlamafleetError):
             raise msg
         if msg["kind"] == "error":
-            raise error_from_wire(msg["error"])
+            err = error_from_wire(msg["error"])
+            if isinstance(err, ShuttingDown):  # this worker is leaving: no new requests
+                self._pool(call.conn.model).retire(call.conn)
+            raise err
         return msg
 
-    def _forget(self, call: _Call) -> None:
+    def _forget(self, call: Call) -> None:
         call.conn.calls.pop(call.id, None)
+        self._pool(call.conn.model).release(call.conn)
 
-    async def _cancel_remote(self, call: _Call) -> None:
+    def _may_resume(self, call: Call, exc: LlamafleetError, resume: bool | None,
+                    resumed: int, deadline: float) -> bool:
+        """Whether a call that ``exc`` ended (its worker died or is leaving) is sent
+        again: resume is on, the retries and the deadline allow, and the command
+        holds no state on that worker (no explicit ``seq``)."""
+        if not (self.resume if resume is None else resume) or self._closed:
+            return False
+        if resumed >= self.max_resumes or asyncio.get_running_loop().time() >= deadline:
+            return False
+        if not isinstance(exc, WorkerCrashed | ShuttingDown):
+            return False
+        return call.conn.dead is not None or isinstance(exc, ShuttingDown)
+
+    @staticmethod
+    def _deadline_ms(deadline: float) -> int:
+        """The ``deadline_ms`` of a request sent now: the worker drops it past then."""
+        return max(1, int((deadline - asyncio.get_running_loop().time()) * 1000) + 50)
+
+    async def _cancel_remote(self, call: Call) -> None:
         if call.conn.dead is None:
             try:
                 await call.conn.sock.send(protocol.request(
@@ -480,27 +489,45 @@ class AsyncClient:
                 pass
 
     async def call(self, model: str, cmd: str, args: dict[str, Any] | None = None, *,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, resume: bool | None = None) -> Any:
         """Send one worker command and return its result (the raw protocol)."""
+        return (await self._request(model, cmd, dict(args or {}), timeout, resume))[0]
+
+    async def _request(self, model: str, cmd: str, args: dict[str, Any],
+                       timeout: float | None, resume: bool | None) -> tuple[Any, int]:
+        """One worker command, sent again (see :meth:`_may_resume`) when its worker
+        dies or leaves first; returns the result and how often it was resent."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout(timeout)
-        call = await self._send(model, cmd, dict(args or {}), deadline=deadline)
-        try:
-            while True:
-                msg = await self._next(call, deadline)
-                if msg["kind"] == "result":
-                    return msg["result"]
-        except (RequestTimeout, asyncio.CancelledError):
-            await self._cancel_remote(call)
-            raise
-        finally:
-            self._forget(call)
+        retryable = cmd in _RESENDABLE and args.get("seq") is None
+        resumed = 0
+        while True:
+            call = await self._send(model, cmd, args, deadline=deadline)
+            try:
+                while True:
+                    msg = await self._next(call, deadline)
+                    if msg["kind"] == "result":
+                        return msg["result"], resumed
+            except (WorkerCrashed, ShuttingDown) as exc:
+                if not (retryable or isinstance(exc, ShuttingDown) and args.get("seq") is None) \
+                        or not self._may_resume(call, exc, resume, resumed, deadline):
+                    raise
+                resumed += 1
+                log.info("sending %s to model %s again: %s", cmd, model, exc.message)
+                if "deadline_ms" in args:
+                    args = {**args, "deadline_ms": self._deadline_ms(deadline)}
+            except (RequestTimeout, asyncio.CancelledError):
+                await self._cancel_remote(call)
+                raise
+            finally:
+                self._forget(call)
 
     async def _command(self, model: str, cmd: str, reply: type[R], args: dict[str, Any] | None,
-                       timeout: float | None) -> R:
+                       timeout: float | None, resume: bool | None = None) -> R:
         """One worker command, its result decoded as the protocol declares it."""
         assert protocol.COMMANDS[cmd].reply is reply
-        return reply.from_wire(await self.call(model, cmd, args, timeout=timeout))
+        return reply.from_wire(await self.call(model, cmd, args, timeout=timeout,
+                                               resume=resume))
 
     # -- supervisor ---------------------------------------------------------------------
     async def status(self, *, timeout: float | None = 10.0) -> list[dict[str, Any]]:
@@ -512,10 +539,27 @@ class AsyncClient:
         the supervisor's ``address`` and ``pid``."""
         return dict(await self._supervisor("status", {}, timeout))
 
-    async def lookup(self, model: str, *, wait: float = 0.0) -> protocol.WorkerEndpoint:
-        """Where the model's worker is (waits up to ``wait`` s for readiness)."""
-        return protocol.WorkerEndpoint.from_wire(await self._supervisor(
+    async def lookup(self, model: str, *, wait: float = 0.0) -> protocol.ModelEndpoints:
+        """Where the model's ready workers are (an unloaded model is loaded first; waits
+        up to ``wait`` s for one to be ready)."""
+        return protocol.ModelEndpoints.from_wire(await self._supervisor(
             "lookup", {"model": model, "wait_ms": int(wait * 1000)}, timeout=wait + 5.0))
+
+    async def load(self, model: str, *, wait: float = 0.0) -> protocol.ModelEndpoints:
+        """Load a model now (making room if limits say so); ``wait`` s for it to be
+        ready (0: return at once; the answer then lists what is ready already)."""
+        return protocol.ModelEndpoints.from_wire(await self._supervisor(
+            "load", {"model": model, "wait_ms": int(wait * 1000)}, timeout=wait + 5.0))
+
+    async def unload(self, model: str) -> None:
+        """Stop a model's workers (they finish their requests first)."""
+        await self._supervisor("unload", {"model": model}, timeout=10.0)
+
+    async def reload(self) -> protocol.Reloaded:
+        """Make the supervisor re-read its configuration file and apply the change
+        (ConfigError, and nothing changed, if it does not load)."""
+        return protocol.Reloaded.from_wire(await self._supervisor("reload", {},
+                                                                  timeout=30.0))
 
     async def shutdown_fleet(self) -> None:
         """Ask the supervisor to shut the whole fleet down gracefully."""
@@ -565,49 +609,62 @@ class AsyncClient:
                        max_tokens: int, stop: Sequence[str] | str | None, add_special: bool,
                        parse_special: bool, ignore_eos: bool, stream: bool,
                        session: str | None, timeout: float | None, logprobs: int | None,
-                       sampling: dict[str, Any]) -> dict[str, Any]:
+                       keep_alive: float | None, sampling: dict[str, Any]) -> dict[str, Any]:
         if (prompt is None) == (tokens is None):
             raise BadRequest("give exactly one of prompt or tokens")
         if isinstance(stop, str):
             stop = [stop]
         # the worker drops the request itself when the caller's timeout has passed
         deadline_ms = int(self._timeout(timeout) * 1000) + 50
-        return {"prompt": prompt, "tokens": None if tokens is None else list(tokens),
+        args: dict[str, Any] = {"prompt": prompt, "tokens": None if tokens is None else list(tokens),
                 "seq": seq, "max_tokens": max_tokens, "stop": list(stop or []),
                 "sampling": sampling_from(sampling), "add_special": add_special,
                 "parse_special": parse_special, "ignore_eos": ignore_eos, "stream": stream,
                 "session": session, "deadline_ms": deadline_ms, "logprobs": logprobs}
+        if keep_alive is not None:
+            args["keep_alive"] = keep_alive
+        return args
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        tokens: Sequence[int] | None = None, seq: int | None = None,
                        max_tokens: int = protocol.DEFAULT_MAX_TOKENS, stop: Sequence[str] | str | None = None,
                        add_special: bool = True, parse_special: bool = False,
                        ignore_eos: bool = False, session: str | None = None,
-                       logprobs: int | None = None,
+                       logprobs: int | None = None, keep_alive: float | None = None,
+                       resume: bool | None = None,
                        timeout: float | None = None, **sampling: Any) -> Completion:
         """Generate a completion. ``sampling`` takes SamplingParams fields
         (temperature=0 is greedy; grammar=GBNF; json_schema=...). ``session``
         names a conversation whose KV the worker keeps warm and on disk.
         ``logprobs=N`` reports each token's logprob and its N likeliest
-        alternatives in ``Completion.logprobs``."""
+        alternatives in ``Completion.logprobs``. ``keep_alive`` (seconds, -1:
+        forever) is how long the model stays loaded once idle. ``resume``
+        overrides the client's: resubmit if the worker dies (``stats.resumed``)."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
                                    parse_special, ignore_eos, False, session, timeout,
-                                   logprobs, sampling)
-        return await self._command(model, "generate", Completion, args, timeout)
+                                   logprobs, keep_alive, sampling)
+        raw, resumed = await self._request(model, "generate", args, timeout, resume)
+        result = Completion.from_wire(raw)
+        result.stats.resumed = resumed
+        return result
 
     def stream(self, model: str, prompt: str | None = None, *,
                tokens: Sequence[int] | None = None, seq: int | None = None,
                max_tokens: int = protocol.DEFAULT_MAX_TOKENS, stop: Sequence[str] | str | None = None,
                add_special: bool = True, parse_special: bool = False,
                ignore_eos: bool = False, session: str | None = None,
-               logprobs: int | None = None,
+               logprobs: int | None = None, keep_alive: float | None = None,
+               resume: bool | None = None,
                timeout: float | None = None, **sampling: Any) -> AsyncStream:
         """Like :meth:`generate`, but an async iterator of text deltas (with
-        ``logprobs``, each chunk's entries are appended to ``AsyncStream.logprobs``)."""
+        ``logprobs``, each chunk's entries are appended to ``AsyncStream.logprobs``).
+        With ``resume``, a stream whose worker dies continues on another from the
+        tokens it already produced (no text is repeated)."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
                                    parse_special, ignore_eos, True, session, timeout,
-                                   logprobs, sampling)
-        return AsyncStream(self, model, args, timeout)
+                                   logprobs, keep_alive, sampling)
+        return AsyncStream(self, model, args, timeout,
+                           self.resume if resume is None else resume)
 
     async def kv_pack(self, model: str, seq: int, *, timeout: float | None = None) -> bytes:
         """The sequence's KV state as portable bytes."""

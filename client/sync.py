@@ -133,7 +133,7 @@ class Client:
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  control_timeout: float | None = None,
                  curve_server_key: str | bytes | None = None,
-                 curve_client_cert: str | None = None) -> None:
+                 curve_client_cert: str | None = None, resume: bool = True) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="llamafleet-client", daemon=True)
@@ -144,7 +144,7 @@ class Client:
             return AsyncClient(address, timeout=timeout, connect_timeout=connect_timeout,
                                control_timeout=control_timeout,
                                curve_server_key=curve_server_key,
-                               curve_client_cert=curve_client_cert)
+                               curve_client_cert=curve_client_cert, resume=resume)
 
         self._async: AsyncClient = self._run(make())
         self.address = self._async.address
@@ -198,6 +198,9 @@ class Client:
     status = _blocking("status")
     fleet_status = _blocking("fleet_status")
     lookup = _blocking("lookup")
+    load = _blocking("load")
+    unload = _blocking("unload")
+    reload = _blocking("reload")
     shutdown_fleet = _blocking("shutdown_fleet")
     call = _blocking("call")
     ping = _blocking("ping")

@@ -226,7 +226,7 @@ def test_bad_requests_are_typed_and_the_worker_keeps_serving(client: Client) -> 
     # what msgpack cannot carry (found by the long fuzz run) is refused on the client side
     with pytest.raises(BadRequest, match="cannot be encoded"):
         client.call("tiny", "set_sampling", {"seq": 0, "sampling": {"logit_bias": {10**30: 0.0}}})
-    assert not any(conn.calls for conn in client._async._conns.values())  # nothing left behind
+    assert not any(conn.calls for conn in client._async._connections())  # nothing left behind
     assert client.ping("tiny").pong
 
 

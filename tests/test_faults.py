@@ -45,7 +45,7 @@ def _crash_during(sup, c, sig: int, start_call, in_phase) -> float:
 def test_crash_during_prefill_decode_and_kv_pack(fleet, sig: int) -> None:
     sup = fleet({"m": {"backend": "fake", "n_batch": 4096, "n_ctx": 8192, "token_delay": 0.6,
                        "pack_delay": 0.6, "cache_min_tokens": 8}})
-    with Client(sup.address, timeout=30) as c:
+    with Client(sup.address, timeout=30, resume=False) as c:
         # an acknowledged session turn before any fault
         history = "user: remember the number forty two for me please\nassistant:"
         turn = c.generate("m", history, max_tokens=3, temperature=0, session="s1")
@@ -116,7 +116,7 @@ def test_client_that_disappears_mid_stream_frees_its_sequence(fleet) -> None:
 def test_watchdog_restarts_a_wedged_worker_but_not_a_long_generation(fleet) -> None:
     sup = fleet({"wedged": {"backend": "fake", "wedge_after": 3},
                  "long": {"backend": "fake", "token_delay": 0.01}}, progress_timeout=1.0)
-    with Client(sup.address, timeout=30) as c:
+    with Client(sup.address, timeout=30, resume=False) as c:
         long = c.stream("long", "x", max_tokens=250, ignore_eos=True)  # ~3 s of decoding
         t0 = time.monotonic()
         with pytest.raises(WorkerCrashed):

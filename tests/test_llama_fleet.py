@@ -139,7 +139,7 @@ def test_ping_info_and_status(client: Client, sup: Supervisor) -> None:
     assert set(states) == {"tiny", "other", "stop", "long", "nocache", "eight"}
     assert all(w["state"] == "ready" and w["backend"] == "llama" for w in states.values())
     assert states["tiny"]["pid"] == pong.pid
-    found = client.lookup("tiny")
+    found = client.lookup("tiny").endpoints[0]
     assert found.pid == pong.pid and found.backend == "llama"
     assert found.endpoint == states["tiny"]["endpoint"]
 
@@ -726,7 +726,7 @@ def test_unloadable_model_files_fail_fast_with_the_reason(fleet, files: dict[str
 def test_sigkill_mid_stream_gives_worker_crashed_then_serves_again(fleet,
                                                                   files: dict[str, Path]) -> None:
     sup = fleet({"long": {**LONG_OPTS, "path": str(files["long"])}})
-    with Client(sup.address, timeout=30) as c:
+    with Client(sup.address, timeout=30, resume=False) as c:
         before = c.generate("long", "abc", max_tokens=8, temperature=0)
         stream = c.stream("long", "abc", max_tokens=60_000, ignore_eos=True, temperature=0)
         for _ in range(3):

@@ -60,7 +60,8 @@ async def serve(spec: GatewaySpec) -> None:
     client = AsyncClient(spec.supervisor_address,
                          timeout=float(opts.get("request_timeout") or 600.0),
                          curve_server_key=spec.curve_server_key,
-                         curve_client_cert=spec.curve_client_cert)
+                         curve_client_cert=spec.curve_client_cert,
+                         resume=bool(opts.get("resume", True)))
     settings = Settings.from_options(spec.models, opts, metrics_only=spec.mode == "metrics")
     app, _ = create_app(client, settings)
     config = uvicorn.Config(

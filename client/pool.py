@@ -1,0 +1,236 @@
+"""Connections to a model's workers, and which replica a request goes to.
+
+A :class:`WorkerConn` is one DEALER socket to one worker generation, with a socket
+monitor: when the worker dies, every call in flight on it ends at once with
+:class:`~runtime.errors.WorkerCrashed`. A :class:`ModelPool` holds the connections
+to every ready replica of one model and picks one per request: the replica with
+the fewest of this client's requests in flight (ties in turn), a named session's
+replica by rendezvous hashing (it stays put while that replica lives), an explicit
+sequence's by its number (its KV lives there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from llamafleet.runtime import protocol
+from llamafleet.runtime.errors import (
+    AuthenticationFailed,
+    LlamafleetError,
+    ProtocolError,
+    WorkerCrashed,
+)
+
+if TYPE_CHECKING:
+    from llamafleet.client.aio import AsyncClient
+
+log = logging.getLogger("llamafleet.client")
+
+_DEAD_EVENTS = {zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CLOSED,
+                zmq.EVENT_MONITOR_STOPPED}
+_AUTH_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+#: how often (seconds) a pool with fewer live replicas than configured asks again
+REFRESH_S = 0.5
+#: dead generations remembered per model (sent as ``lookup``'s ``exclude``)
+MAX_DEAD = 64
+
+
+def auth_error(address: str) -> AuthenticationFailed:
+    return AuthenticationFailed(
+        f"CURVE handshake with {address} failed: wrong server key, a client key that is not "
+        "authorized, or an endpoint that needs CURVE keys this client did not use")
+
+
+class Call:
+    """A request in flight: replies are queued until the caller reads them."""
+
+    __slots__ = ("id", "queue", "conn")
+
+    def __init__(self, req_id: int, conn: WorkerConn) -> None:
+        self.id = req_id
+        self.conn = conn
+        self.queue: asyncio.Queue[dict[str, Any] | LlamafleetError] = asyncio.Queue()
+
+
+class WorkerConn:
+    """The connection to one generation of one replica of a model's worker."""
+
+    def __init__(self, client: AsyncClient, found: protocol.WorkerEndpoint) -> None:
+        self.model = found.model
+        self.endpoint = found.endpoint
+        self.generation = found.generation
+        self.replica = found.replica
+        self.calls: dict[int, Call] = {}
+        self.dead: LlamafleetError | None = None
+        #: no new requests (the worker is leaving); closed once its calls end
+        self.retired = False
+        self.sock = client._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        client._secure(self.sock, self.endpoint)
+        self.monitor = self.sock.get_monitor_socket()
+        self.sock.connect(self.endpoint)
+        self.connected = False
+        # a failed handshake means "refused" only where CURVE is in play; on ipc:// it
+        # is a peer that died (or froze) mid-handshake
+        self.secured = client._curve is not None and self.endpoint.startswith("tcp://")
+        self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frames = await self.sock.recv_multipart()
+                try:
+                    msg = protocol.unpack(frames[-1])
+                except ProtocolError as exc:
+                    log.warning("dropping bad reply from %s: %s", self.model, exc)
+                    continue
+                call = self.calls.get(msg.get("id"))  # type: ignore[arg-type]
+                if call is not None:
+                    call.queue.put_nowait(msg)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                evt = parse_monitor_message(await self.monitor.recv_multipart())
+                if evt["event"] == zmq.EVENT_CONNECTED:
+                    self.connected = True
+                elif evt["event"] in _AUTH_EVENTS and (
+                        self.secured or evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH):
+                    self.fail(auth_error(self.endpoint))
+                    return
+                elif evt["event"] in _DEAD_EVENTS | _AUTH_EVENTS:
+                    self.fail(WorkerCrashed(
+                        f"worker of model {self.model} went away (generation {self.generation})",
+                        data={"model": self.model, "generation": self.generation,
+                              "replica": self.replica}))
+                    return
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+
+    def fail(self, err: LlamafleetError) -> None:
+        """Mark dead and end every call in flight with ``err``."""
+        if self.dead is None:
+            self.dead = err
+        for call in list(self.calls.values()):
+            call.queue.put_nowait(err)
+        self.close()
+
+    def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+def rendezvous(key: str, choices: Sequence[int]) -> int:
+    """The choice with the highest hash of (key, choice): stable while it exists, and
+    only the keys of a choice that goes away move."""
+    def weight(choice: int) -> bytes:
+        return hashlib.blake2b(f"{key}\0{choice}".encode(), digest_size=8).digest()
+    return max(choices, key=weight)
+
+
+def least_loaded(load: Sequence[int], turn: int) -> int:
+    """The index of the smallest load; ties go round-robin from ``turn``."""
+    n = len(load)
+    return min(range(n), key=lambda i: (load[i], (i - turn) % n))
+
+
+class ModelPool:
+    """This client's connections to the workers of one model."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.conns: dict[int, WorkerConn] = {}  # by generation
+        #: generations seen dead or leaving (a lookup does not answer them again)
+        self.dead: deque[int] = deque(maxlen=MAX_DEAD)
+        self.replicas = 1
+        self.refreshed = float("-inf")
+        self.lock = asyncio.Lock()
+        self._turn = 0
+
+    def live(self) -> list[WorkerConn]:
+        """The connections new requests may use (forgetting the dead ones)."""
+        out = []
+        for conn in list(self.conns.values()):
+            if conn.dead is not None:
+                self._bury(conn)
+            elif not conn.retired:
+                out.append(conn)
+        return out
+
+    def _bury(self, conn: WorkerConn) -> None:
+        if conn.generation not in self.dead:
+            self.dead.append(conn.generation)
+        self.conns.pop(conn.generation, None)
+
+    def retire(self, conn: WorkerConn) -> None:
+        """Send ``conn`` nothing new; close it once its calls end."""
+        conn.retired = True
+        if conn.generation not in self.dead:
+            self.dead.append(conn.generation)
+        self.release(conn)
+
+    def release(self, conn: WorkerConn) -> None:
+        """A call on ``conn`` ended: a retired connection with none left closes."""
+        if conn.retired and not conn.calls:
+            if conn.dead is None:
+                conn.close()
+            self.conns.pop(conn.generation, None)
+
+    def needs_lookup(self, now: float) -> bool:
+        live = self.live()
+        return not live or (len(live) < self.replicas and now - self.refreshed >= REFRESH_S)
+
+    def update(self, found: protocol.ModelEndpoints, now: float,
+               connect: Any) -> None:
+        """Take a ``lookup`` answer: connect to new workers, retire unlisted ones."""
+        self.replicas = found.replicas
+        self.refreshed = now
+        listed = {e.generation for e in found.endpoints}
+        for conn in self.live():
+            if conn.generation not in listed:
+                self.retire(conn)
+        for e in found.endpoints:
+            if e.generation not in self.conns and e.generation not in self.dead:
+                self.conns[e.generation] = connect(e)
+
+    def pick(self, live: list[WorkerConn], session: str | None = None,
+             seq: int | None = None) -> WorkerConn | None:
+        """The connection for one request (None: an explicit sequence's replica is not
+        among ``live``)."""
+        if seq is not None:
+            want = seq % max(1, self.replicas)
+            return next((c for c in live if c.replica == want), None)
+        if session is not None and len(live) > 1:
+            replica = rendezvous(session, [c.replica for c in live])
+            return next(c for c in live if c.replica == replica)
+        if len(live) == 1:
+            return live[0]
+        live = sorted(live, key=lambda c: c.replica)
+        i = least_loaded([len(c.calls) for c in live], self._turn)
+        self._turn = (i + 1) % len(live)
+        return live[i]
+
+    def close(self, err: LlamafleetError) -> None:
+        for conn in list(self.conns.values()):
+            conn.fail(err)
+        self.conns.clear()

@@ -36,6 +36,10 @@ WORKER_OPTIONS: dict[str, Field] = {
                                        "directory)"),
     "stream_interval_ms": Field((int, float), default=50, min=0,
                                 doc="coalesce streamed deltas (0: every token)"),
+    "stall_timeout_s": Field((int, float), default=30.0, min=0.1,
+                             doc="a client that reads none of its queued replies for this "
+                                 "long has its generations cancelled (they are paused "
+                                 "meanwhile); it gets a timeout error when it reads again"),
 }
 
 #: Keys of a ``[models.NAME]`` table read by the supervisor: the model's lifecycle.

@@ -62,9 +62,12 @@ class Scheduler:
 
     def __init__(self, backend: Backend, *, send: Send, max_queue: int, stream_interval: float,
                  cache: KVCache | None = None,
-                 wake_watcher: Callable[[], None] | None = None) -> None:
+                 wake_watcher: Callable[[], None] | None = None,
+                 paused: Callable[[bytes], bool] | None = None) -> None:
         """``max_queue`` and ``stream_interval`` (seconds) are the model's worker options
-        (``config.WORKER_OPTIONS``: their defaults live there)."""
+        (``config.WORKER_OPTIONS``: their defaults live there). ``paused(peer)`` tells
+        whose generations wait (their client is not reading its replies): they keep
+        their slot and KV but get no tokens until it turns False."""
         info = backend.info()
         self.backend = backend
         self.n_seq_max = info.n_seq_max
@@ -74,6 +77,7 @@ class Scheduler:
         #: seconds over which streamed deltas are coalesced (0: one chunk per token)
         self.stream_interval = stream_interval
         self._send = send
+        self._paused = paused
         #: what /metrics reports (see worker.metrics)
         self.counters = WorkerCounters()
         self.queue: deque[Generation] = deque()
@@ -100,8 +104,12 @@ class Scheduler:
 
     @property
     def active(self) -> bool:
-        """Generations are running (the worker should not sleep between ticks)."""
-        return bool(self.running)
+        """Generations are running and not paused (the worker should not sleep
+        between ticks)."""
+        paused = self._paused
+        if paused is None:
+            return bool(self.running)
+        return any(not paused(g.peer) for g in self.running.values())
 
     def inflight(self) -> int:
         return len(self.queue) + len(self.running)
@@ -146,6 +154,20 @@ class Scheduler:
         self._fail(g, Cancelled(f"request {req_id} was cancelled",
                                 data={"tokens": g.tokens, "text": g.text.text}), notify=notify)
         return True
+
+    def fail_peer(self, peer: bytes,
+                  error: Callable[[Generation], LlamafleetError] | None = None) -> list[int]:
+        """End every queued or running generation of one client; each caller gets
+        ``error(g)`` (none when ``error`` is None: the client is gone). Returns
+        their request ids."""
+        hit = [g for g in (*self.queue, *self.running.values()) if g.peer == peer]
+        for g in hit:
+            if g in self.queue:
+                self.queue.remove(g)
+            err = error(g) if error is not None else Cancelled(f"request {g.req_id} was "
+                                                                "cancelled")
+            self._fail(g, err, notify=error is not None)
+        return [g.req_id for g in hit]
 
     def fail_all(self, err: LlamafleetError) -> None:
         for g in list(self.queue) + list(self.running.values()):
@@ -255,15 +277,19 @@ class Scheduler:
             return
         order = list(self.running.values())
         self.peak_running = max(self.peak_running, len(order))
+        paused = self._paused
+        # a paused generation (its client is not reading) keeps its slot and KV but
+        # gets no input: no new tokens pile up behind the replies it has not read
+        live = order if paused is None else [g for g in order if not paused(g.peer)]
         batch: list[tuple[Generation, list[int]]] = []
         budget = self.n_batch
         # decode tokens first: every running sequence advances every tick
-        for g in order:
+        for g in live:
             if g.prompt_done and g.pending and budget > 0:
                 batch.append((g, g.take(1)))
                 budget -= 1
         # then prompt chunks, rotating who goes first so no prompt starves
-        prefilling = [g for g in order if not g.prompt_done and g.pending]
+        prefilling = [g for g in live if not g.prompt_done and g.pending]
         if prefilling:
             start = self._rr % len(prefilling)
             self._rr += 1

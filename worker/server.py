@@ -17,16 +17,24 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import zmq
 
 from llamafleet.backends import Backend, get_backend
 from llamafleet.runtime import protocol
-from llamafleet.runtime.errors import BadRequest, InternalError, LlamafleetError, ShuttingDown
+from llamafleet.runtime.errors import (
+    BadRequest,
+    InternalError,
+    LlamafleetError,
+    RequestTimeout,
+    ShuttingDown,
+)
 from llamafleet.runtime.process import set_parent_death_signal
 from llamafleet.runtime.protocol import WorkerSpec
 from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.worker.generation import Generation
 from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
 from llamafleet.worker.prefix_cache import PrefixCache
 from llamafleet.worker.scheduler import Outgoing, Scheduler
@@ -41,6 +49,34 @@ MAX_MESSAGES_PER_TURN = 64
 WATCH_INTERVAL = 0.05
 #: the main loop's longest wait when no work is queued (milliseconds)
 IDLE_WAIT_MS = 1000
+#: how often replies queued for a client that is not reading are offered again (ms)
+OUTBOX_RETRY_MS = 20
+#: replies one client may leave unread before it counts as stalled at once (bytes);
+#: its generations are paused, so only replies to other commands can grow this far
+OUTBOX_MAX_BYTES = 64 << 20
+#: how long the final errors of a stalled client wait for it to read again before its
+#: outbox is dropped (s; at least stall_timeout_s). A client that disconnects is seen
+#: at once (EHOSTUNREACH); this frees one whose connection stays up but never reads
+STALLED_KEEP_S = 60.0
+
+
+class Outbox:
+    """Replies to one client that its socket would not take (``zmq.Again``: the
+    client is not reading). They go out in order, before any later reply."""
+
+    __slots__ = ("frames", "size", "since", "stalled")
+
+    def __init__(self, now: float) -> None:
+        self.frames: deque[bytes] = deque()
+        self.size = 0
+        #: when the client last took a reply (or the first one was queued)
+        self.since = now
+        #: its generations were cancelled for not reading (stall_timeout_s)
+        self.stalled = False
+
+    def push(self, data: bytes) -> None:
+        self.frames.append(data)
+        self.size += len(data)
 
 
 class Worker:
@@ -62,6 +98,9 @@ class Worker:
         self.cache: PrefixCache | None = None
         self.default_sampling: dict[str, Any] = {}
         self._gone: set[tuple[bytes, int]] = set()  # requests whose client disconnected
+        #: replies waiting for clients that are not reading (see Outbox)
+        self._outbox: dict[bytes, Outbox] = {}
+        self.stall_timeout = 30.0  # set at load (worker option stall_timeout_s)
         self.n_seq_max = 0  # set at load
         self._draining = False
         self._sigterm_at: float | None = None
@@ -212,10 +251,12 @@ class Worker:
         backend.set_default_sampling(self.sampling(None))
         opts = self.spec.worker_options
         self.cache = self._make_cache(opts)
+        self.stall_timeout = float(opts["stall_timeout_s"])
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
                                    max_queue=int(opts["max_queue"]),
                                    stream_interval=float(opts["stream_interval_ms"]) / 1000,
-                                   wake_watcher=self._kick)
+                                   wake_watcher=self._kick,
+                                   paused=self._outbox.__contains__)
         self.load_progress = 1.0
 
     @staticmethod
@@ -240,17 +281,81 @@ class Worker:
             self._gone.add((peer, req_id))  # nobody is listening: stop generating for it
 
     def _deliver(self, peer: bytes, data: bytes) -> bool:
-        """Send one reply; False when the client has disconnected (or cannot keep up)."""
-        try:
-            self.sock.send_multipart([peer, data], zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            log.warning("client too slow: a reply was dropped")
-            return False
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                return False
-            raise
+        """Send one reply; False when the client has disconnected. A client that is
+        not reading gets it later, in order (its outbox; its generations pause)."""
+        box = self._outbox.get(peer)
+        if box is None:
+            try:
+                self.sock.send_multipart([peer, data], zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                log.info("a client is not reading its replies: queued, its generations "
+                         "paused")
+                box = self._outbox[peer] = Outbox(time.monotonic())
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    return False
+                raise
+        box.push(data)  # its bound is checked by _flush_outboxes, outside the tick
+        return True
+
+    def _flush_outboxes(self) -> None:
+        """Offer queued replies again; cancel the generations of a client that has
+        read nothing for stall_timeout_s, and forget it after STALLED_KEEP_S more."""
+        now = time.monotonic()
+        for peer, box in list(self._outbox.items()):
+            sent = False
+            while box.frames:
+                try:
+                    self.sock.send_multipart([peer, box.frames[0]], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    self._discard(peer, "disconnected")
+                    break
+                box.size -= len(box.frames.popleft())
+                sent = True
+            if self._outbox.get(peer) is not box:
+                continue  # discarded
+            if not box.frames:
+                del self._outbox[peer]  # caught up: its generations resume
+            elif box.size > OUTBOX_MAX_BYTES:
+                why = f"left {box.size >> 20} MiB of replies unread"
+                if box.stalled:
+                    self._discard(peer, why)
+                else:
+                    self._stall(peer, box, why)
+            elif sent:
+                box.since = now
+            elif not box.stalled and now - box.since > self.stall_timeout:
+                self._stall(peer, box, f"did not read its replies for {self.stall_timeout:g} s")
+            elif box.stalled and now - box.since > max(self.stall_timeout, STALLED_KEEP_S):
+                self._discard(peer, "read nothing since its generations were cancelled")
+
+    def _stall(self, peer: bytes, box: Outbox, why: str) -> None:
+        """Cancel a client's generations; each error goes behind its queued replies."""
+        box.stalled = True
+        box.since = time.monotonic()  # the errors wait STALLED_KEEP_S for it
+        sched = self.scheduler
+        assert sched is not None
+
+        def error(g: Generation) -> RequestTimeout:
+            return RequestTimeout(f"client {why}: request {g.req_id} was cancelled",
+                                  data={"tokens": g.tokens, "text": g.text.text,
+                                        "stall_timeout_s": self.stall_timeout})
+
+        ids = sched.fail_peer(peer, error)
+        log.warning("a client %s: %d generation(s) cancelled", why, len(ids))
+
+    def _discard(self, peer: bytes, why: str) -> None:
+        """Forget a client's queued replies (it is gone, or never reads again)."""
+        box = self._outbox.pop(peer, None)
+        if self.scheduler is not None:
+            self.scheduler.fail_peer(peer)  # nobody is listening
+        if box is not None:
+            log.warning("a client %s: %d queued repl(ies) discarded", why, len(box.frames))
 
     # -- serving -------------------------------------------------------------
     def _serve(self) -> None:
@@ -289,15 +394,20 @@ class Worker:
         sched = self.scheduler
         assert sched is not None
         while True:
-            if self._draining and not sched.busy:
-                break
             stop_at = self._hard_stop()
-            if stop_at is not None and time.monotonic() > stop_at and sched.busy:
+            late = stop_at is not None and time.monotonic() > stop_at
+            if self._draining and not sched.busy and (not self._outbox or late):
+                break
+            if late and sched.busy:
                 sched.fail_all(ShuttingDown(f"worker {self.spec.model} stopped before the "
                                             "request finished"))
                 break
-            # idle, the loop sleeps until a message or SIGTERM arrives
-            events = dict(poller.poll(0 if sched.active else 50 if sched.busy else IDLE_WAIT_MS))
+            # idle, the loop sleeps until a message or SIGTERM arrives (or, while a
+            # client is not reading, until its replies are due to be offered again)
+            wait = 0 if sched.active else 50 if sched.busy else IDLE_WAIT_MS
+            if self._outbox:
+                wait = min(wait, OUTBOX_RETRY_MS)
+            events = dict(poller.poll(wait))
             if self._wake_r in events:
                 try:
                     os.read(self._wake_r, 4096)
@@ -310,6 +420,8 @@ class Worker:
                     except zmq.Again:
                         break
                     self._on_message(frames)
+            if self._outbox:
+                self._flush_outboxes()  # before the tick: a client caught up resumes
             if sched.busy:
                 try:
                     sched.tick()

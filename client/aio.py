@@ -104,8 +104,8 @@ class AsyncStream:
             try:
                 msg = await client._next(self._call, self._deadline)
             except (WorkerCrashed, ShuttingDown) as exc:
-                if not client._may_resume(self._call, exc, self._resume, self._resumed,
-                                          self._deadline):
+                if self._args.get("seq") is not None or not client._may_resume(
+                        self._call, exc, self._resume, self._resumed, self._deadline):
                     self._done = True
                     await self._abandon()
                     raise

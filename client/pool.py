@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -165,7 +166,8 @@ class ModelPool:
         self.replicas = 1
         self.refreshed = float("-inf")
         self.lock = asyncio.Lock()
-        self._turn = 0
+        # where the round-robin starts: random, so that many clients spread out
+        self._turn = random.randrange(1 << 16)
 
     def live(self) -> list[WorkerConn]:
         """The connections new requests may use (forgetting the dead ones)."""

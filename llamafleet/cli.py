@@ -73,15 +73,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(workers, indent=2))
         return 0
-    print(f"{'MODEL':<16} {'STATE':<11} {'PID':>7} {'RESTARTS':>8}  LAST EXIT")
+    print(f"{'MODEL':<16} {'STATE':<11} {'PID':>7} {'RSS MB':>7} {'RESTARTS':>8}  LAST EXIT")
     for w in workers["workers"]:
         state = w["state"]
         if state in ("starting", "restarting") and w.get("load_progress"):
             state = f"{state} {w['load_progress'] * 100:.0f}%"
-        print(f"{w['model']:<16} {state:<11} {w['pid'] or '-':>7} {w['restarts']:>8}  "
+        name = w["model"] if not w.get("replica") else f"{w['model']}#{w['replica']}"
+        rss = f"{w['rss_mb']:.0f}" if w.get("rss_mb") else "-"
+        print(f"{name:<16} {state:<11} {w['pid'] or '-':>7} {rss:>7} {w['restarts']:>8}  "
               f"{w['last_exit'] or '-'}")
     for s in workers["services"]:
-        print(f"{'[' + s['name'] + ']':<16} {s['state']:<11} {s['pid'] or '-':>7} "
+        print(f"{'[' + s['name'] + ']':<16} {s['state']:<11} {s['pid'] or '-':>7} {'-':>7} "
               f"{s['restarts']:>8}  {s['last_exit'] or '-'}  {s['url'] or ''}")
     return 0
 
@@ -193,6 +195,29 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        found = c.load(args.model, wait=args.wait)
+    ready = ", ".join(e.endpoint for e in found.endpoints) or "loading"
+    print(f"llamafleet: {args.model}: {ready}", file=sys.stderr)
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.unload(args.model)
+    print(f"llamafleet: {args.model}: unloading", file=sys.stderr)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        done = c.reload()
+    for what in ("added", "removed", "changed", "unchanged"):
+        print(f"{what}: {', '.join(getattr(done, what)) or '-'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args=args)
 
@@ -255,6 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--client", default="client", help="name of the client key pair")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("load", help="load a model now (making room under the limits)")
+    with_address(p)
+    p.add_argument("model")
+    p.add_argument("--wait", type=float, default=120.0,
+                   help="seconds to wait until it is ready (0: do not wait)")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("unload", help="stop a model's workers (they finish their requests)")
+    with_address(p)
+    p.add_argument("model")
+    p.set_defaults(func=cmd_unload)
+
+    p = sub.add_parser("reload", help="re-read the configuration file and apply the change "
+                                      "(as SIGHUP to serve)")
+    with_address(p)
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("stop", help="shut a running fleet down gracefully")
     with_address(p)

@@ -43,6 +43,7 @@ from llamafleet.runtime import protocol
 from llamafleet.runtime.config import Config, ModelConfig, SupervisorConfig
 from llamafleet.runtime.errors import (
     AlreadyRunning,
+    BadRequest,
     ConfigError,
     InternalError,
     LlamafleetError,
@@ -299,9 +300,9 @@ class Supervisor:
         self._wake()
         if not req.done.wait(timeout):
             raise Unavailable(f"the supervisor did not apply the reload within {timeout}s")
-        if isinstance(req.outcome, LlamafleetError):
+        if isinstance(req.outcome, LlamafleetError | ConfigError):
             raise req.outcome
-        assert req.outcome is not None
+        assert isinstance(req.outcome, protocol.Reloaded)
         return req.outcome
 
     def _request_stop(self) -> None:
@@ -886,8 +887,8 @@ class Supervisor:
             req.outcome = self._apply(new)
             log.info("reloaded: added %s, removed %s, changed %s", req.outcome.added or "-",
                      req.outcome.removed or "-", req.outcome.changed or "-")
-        except LlamafleetError as exc:
-            log.error("reload refused, the fleet is unchanged: %s", exc.message)
+        except (LlamafleetError, ConfigError) as exc:
+            log.error("reload refused, the fleet is unchanged: %s", exc)
             req.outcome = exc
         except Exception as exc:  # a bug: refuse the reload, keep serving
             log.exception("reload failed")
@@ -1059,9 +1060,12 @@ class Supervisor:
             elif cmd == "reload":
                 req = _ReloadRequest(None)
                 self._apply_reload(req)
+                if isinstance(req.outcome, ConfigError):
+                    raise BadRequest(f"reload refused, the fleet is unchanged: {req.outcome}",
+                                     data={"config": str(self.config_path)})
                 if isinstance(req.outcome, LlamafleetError):
                     raise req.outcome
-                assert req.outcome is not None
+                assert isinstance(req.outcome, protocol.Reloaded)
                 self._reply(peer, protocol.result(req_id, req.outcome))
         except LlamafleetError as exc:
             if req_id is None:
@@ -1079,15 +1083,26 @@ class Supervisor:
             for h in slot.handles:
                 if h.state == "failed":
                     h.state = "unloaded"
-        if not slot.resident and not self.registry.failed(name) and \
-                (args["wait_ms"] > 0 or cmd == "load"):
-            slot.forced = slot.forced or cmd == "load"
-            self._request_load(slot)
+        if cmd == "load" and args["wait_ms"] == 0:  # start it; answer with what is ready
+            if not slot.resident:
+                slot.forced = True
+                self._request_load(slot)
+            self._reply(peer, protocol.result(req_id, protocol.ModelEndpoints(
+                model=name, endpoints=self.registry.endpoints(name),
+                replicas=slot.config.replicas)))
+            return
+        # the wait is registered first: the load queue serves models somebody waits for
         found = self.registry.lookup(name, (peer, req_id), now, args["wait_ms"],
                                      args.get("exclude", ()))
         if found is not None:
             slot.last_used, slot.used = now, True
             self._reply(peer, protocol.result(req_id, found))
+        elif not slot.resident:
+            slot.forced = slot.forced or cmd == "load"
+            try:
+                self._request_load(slot)
+            except LlamafleetError as exc:
+                self._answer_all(self.registry.refuse(name, exc))
 
     def _answer_all(self, answers: list[tuple[Waiter, Answer]]) -> None:
         """Deliver the answers of ended lookups (from the registry)."""
@@ -1180,7 +1195,7 @@ class _ReloadRequest:
     the file; the loop sets ``outcome`` and then ``done``."""
 
     config: Config | None
-    outcome: protocol.Reloaded | LlamafleetError | None = None
+    outcome: protocol.Reloaded | LlamafleetError | ConfigError | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 

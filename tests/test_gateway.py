@@ -263,8 +263,9 @@ def test_bad_requests_are_openai_errors(url: str, oai: openai.OpenAI) -> None:
     assert err(post({"model": "tiny", "messages": CHAT, "frobnicate": 1}),
                400)["code"] == "unknown_field"
     assert err(post({"model": "tiny", "messages": []}), 400)
-    assert err(post({"model": "tiny", "messages": CHAT, "keep_alive": 5}),
-               501)["type"] == "not_supported_error"
+    assert err(post({"model": "tiny", "messages": CHAT, "keep_alive": "5m"}),
+               400)["param"] == "keep_alive"
+    assert err(post({"model": "tiny", "messages": CHAT, "keep_alive": -2}), 400)
     bad_json = httpx.post(url + "/v1/chat/completions", content=b"{\"model\": ",
                           headers={"content-type": "application/json"})
     assert err(bad_json, 400)["code"] == "invalid_json"

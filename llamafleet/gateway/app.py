@@ -75,6 +75,10 @@ async def all_or_none(aws: list[Awaitable[T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+#: worker states in which /health counts a model as served
+_SERVING = frozenset({"ready", "unloaded", "stopping"})
+
+
 @dataclass
 class Settings:
     """The gateway's limits and keys (the ``[http]`` table, see config.HTTP_OPTIONS)."""
@@ -250,8 +254,12 @@ class Gateway:
             workers = await self.status()
         except LlamafleetError as exc:
             return error_response(from_error(exc))
-        states = {w["model"]: w["state"] for w in workers}
-        if all(s == "ready" for s in states.values()):
+        states: dict[str, str] = {}
+        for w in workers:
+            name = w["model"] if not w.get("replica") else f"{w['model']}#{w['replica']}"
+            states[name] = w["state"]
+        # an unloaded (on-demand) model is served: the first request loads it
+        if all(s in _SERVING for s in states.values()):
             return JSONResponse({"status": "ok", "models": states})
         return JSONResponse({"error": {"code": 503, "message": "Loading model",
                                        "type": "unavailable_error"}, "models": states},
@@ -335,6 +343,7 @@ class Gateway:
             raise tr.bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         kwargs = dict(max_tokens=tr.max_tokens_of(req, req.max_completion_tokens),
                       stop=tr.stops_of(req), session=req.session, ignore_eos=req.ignore_eos,
+                      keep_alive=tr.keep_alive_of(req),
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                       timeout=self.settings.request_timeout,
                       add_special=False, parse_special=True,
@@ -436,6 +445,7 @@ class Gateway:
         schema = tr.schema_of(req.response_format, req.json_schema)
         kwargs = dict(max_tokens=tr.max_tokens_of(req, 16), stop=tr.stops_of(req),
                       ignore_eos=req.ignore_eos, session=req.session, logprobs=req.logprobs,
+                      keep_alive=tr.keep_alive_of(req),
                       timeout=self.settings.request_timeout, **tr.sampling_of(req, schema))
 
         def args(prompt: str | list[int]) -> dict[str, Any]:

@@ -50,10 +50,20 @@ def check_common(req: Sampled) -> None:
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true",
                           "stream_options")
-    if req.keep_alive is not None:
-        raise not_supported("keep_alive needs the on-demand model lifecycle, which this "
-                            "version does not have: every configured model stays loaded",
-                            "keep_alive")
+    keep_alive_of(req)
+
+
+def keep_alive_of(req: Sampled) -> float | None:
+    """The request's ``keep_alive`` (seconds the model stays loaded once idle, -1:
+    never unloaded, as Ollama's); 400 for anything else."""
+    v = req.keep_alive
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or \
+            not (v == -1 or 0 <= v <= 10 ** 7):
+        raise bad_request("keep_alive must be a number of seconds (0..10000000) or -1 "
+                          "(never unload)", "keep_alive")
+    return float(v)
 
 
 def sampling_of(req: Sampled, json_schema: Any = None) -> dict[str, Any]:

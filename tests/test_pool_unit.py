@@ -1,0 +1,58 @@
+"""Which replica a request goes to (client/pool.py), without sockets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from llamafleet.client.pool import ModelPool, least_loaded, rendezvous
+
+
+class FakeConn:
+    def __init__(self, replica: int, generation: int, calls: int = 0) -> None:
+        self.replica = replica
+        self.generation = generation
+        self.calls: dict[int, Any] = dict.fromkeys(range(calls))
+        self.dead = None
+        self.retired = False
+
+
+def test_least_loaded_breaks_ties_in_turn() -> None:
+    assert least_loaded([3, 1, 2], turn=0) == 1
+    assert [least_loaded([0, 0, 0], turn=t) for t in range(4)] == [0, 1, 2, 0]
+    assert least_loaded([1, 0, 0], turn=0) == 1 and least_loaded([1, 0, 0], turn=2) == 2
+
+
+def test_rendezvous_is_stable_and_moves_only_the_keys_of_a_lost_choice() -> None:
+    keys = [f"session-{i}" for i in range(400)]
+    before = {k: rendezvous(k, [0, 1, 2, 3]) for k in keys}
+    assert before == {k: rendezvous(k, [3, 2, 1, 0]) for k in keys}  # order does not matter
+    spread = Counter(before.values())
+    assert set(spread) == {0, 1, 2, 3} and min(spread.values()) > 60
+    after = {k: rendezvous(k, [0, 1, 3]) for k in keys}  # replica 2 died
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(before[k] == 2 for k in moved)
+
+
+def test_pick_routes_by_load_session_and_sequence() -> None:
+    pool = ModelPool("m")
+    pool.replicas = 2
+    a, b = FakeConn(0, 10, calls=2), FakeConn(1, 11, calls=0)
+    live: list[Any] = [a, b]
+    assert pool.pick(live) is b  # fewest in flight
+    assert pool.pick(live, session="s") is pool.pick(live, session="s")
+    assert pool.pick(live, seq=4) is a and pool.pick(live, seq=5) is b
+    assert pool.pick([a], seq=5) is None  # its replica is not there: the caller waits
+    assert pool.pick([a], session="s") is a
+
+
+def test_retired_and_dead_connections_are_not_picked_and_excluded() -> None:
+    pool = ModelPool("m")
+    a, b = FakeConn(0, 10), FakeConn(1, 11)
+    pool.conns = {10: a, 11: b}  # type: ignore[dict-item]
+    b.dead = "gone"  # type: ignore[assignment]
+    assert pool.live() == [a] and list(pool.dead) == [11] and 11 not in pool.conns
+    a.calls[1] = None
+    pool.retire(a)  # type: ignore[arg-type]
+    assert pool.live() == [] and 10 in pool.conns  # kept until its call ends
+    assert list(pool.dead) == [11, 10]

@@ -451,3 +451,23 @@ def test_repeated_kills_with_resume_fail_nothing(fleet, replicas: int) -> None:
     assert kills >= 3 and served[0] > 0 and resumed[0] >= 1
     record(f"repeated_kills_replicas_{replicas}", kills=kills, served=served[0],
            failed=len(failed), resumed=resumed[0])
+
+
+def test_requests_waiting_for_room_queue_in_order_then_overloaded(fleet) -> None:
+    from llamafleet.client import Overloaded
+    od = {"backend": "fake", "load": "on_demand", "token_delay": 0.01}
+    sup = fleet({"a": od, "b": od, "c": od}, max_loaded_models=1, max_load_queue=1)
+    with Client(sup.address, timeout=60) as c:
+        busy = c.stream("a", "x", max_tokens=150, ignore_eos=True)  # ~1.5 s: a stays busy
+        next(busy)
+        got: list[Any] = []
+        waiter = threading.Thread(target=lambda: got.append(
+            c.generate("b", "y", max_tokens=2, ignore_eos=True)))
+        waiter.start()
+        wait_for(lambda: "waiting for room" in str(sup._describe("b")), timeout=10)
+        with pytest.raises(Overloaded, match="max_load_queue"):
+            c.generate("c", "z", max_tokens=2)
+        assert busy.collect().finish_reason == "length"  # a was never evicted mid-request
+        waiter.join(30)
+        assert len(got) == 1 and len(got[0].tokens) == 2  # b loaded once a was idle
+        assert _alive(sup) == 1

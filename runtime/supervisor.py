@@ -968,6 +968,11 @@ class Supervisor:
         else:
             for h in keep:
                 h.model = m
+        if m.on_demand and self.registry.failed(slot.name):  # the next request tries it
+            self.registry.clear_failure(slot.name)
+            for h in keep:
+                if h.state == "failed":
+                    h.state = "unloaded"
         if not m.on_demand and not slot.resident:
             self._load(slot)
 

@@ -104,8 +104,8 @@ class AsyncStream:
             try:
                 msg = await client._next(self._call, self._deadline)
             except (WorkerCrashed, ShuttingDown) as exc:
-                if self._args.get("seq") is not None or not client._may_resume(
-                        self._call, exc, self._resume, self._resumed, self._deadline):
+                if not client._may_resume(self._call, "generate", self._args, exc,
+                                          self._resume, self._resumed, self._deadline):
                     self._done = True
                     await self._abandon()
                     raise
@@ -397,7 +397,7 @@ class AsyncClient:
                 return conn
             # an explicit sequence's replica is (re)starting: wait for it
             if loop.time() >= deadline:
-                raise Unavailable(f"replica {seq % pool.replicas if seq else 0} of model "
+                raise Unavailable(f"replica {(seq or 0) % pool.replicas} of model "
                                   f"{model} is not ready", data={"model": model})
             pool.refreshed = float("-inf")
             await asyncio.sleep(0.05)
@@ -462,18 +462,22 @@ class AsyncClient:
         call.conn.calls.pop(call.id, None)
         self._pool(call.conn.model).release(call.conn)
 
-    def _may_resume(self, call: Call, exc: LlamafleetError, resume: bool | None,
-                    resumed: int, deadline: float) -> bool:
-        """Whether a call that ``exc`` ended (its worker died or is leaving) is sent
-        again: resume is on, the retries and the deadline allow, and the command
-        holds no state on that worker (no explicit ``seq``)."""
+    def _may_resume(self, call: Call, cmd: str, args: dict[str, Any], exc: LlamafleetError,
+                    resume: bool | None, resumed: int, deadline: float) -> bool:
+        """Whether a call that ``exc`` ended is sent again: resume is on, the retries
+        and the deadline allow, the command holds no state on that worker (no explicit
+        ``seq``), and either the worker refused it while leaving (ShuttingDown: it was
+        not run) or it died under a command that gives the same answer anywhere."""
         if not (self.resume if resume is None else resume) or self._closed:
             return False
         if resumed >= self.max_resumes or asyncio.get_running_loop().time() >= deadline:
             return False
-        if not isinstance(exc, WorkerCrashed | ShuttingDown):
+        if args.get("seq") is not None:
             return False
-        return call.conn.dead is not None or isinstance(exc, ShuttingDown)
+        if isinstance(exc, ShuttingDown):
+            return True
+        return isinstance(exc, WorkerCrashed) and call.conn.dead is not None \
+            and cmd in _RESENDABLE
 
     @staticmethod
     def _deadline_ms(deadline: float) -> int:
@@ -499,7 +503,6 @@ class AsyncClient:
         dies or leaves first; returns the result and how often it was resent."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout(timeout)
-        retryable = cmd in _RESENDABLE and args.get("seq") is None
         resumed = 0
         while True:
             call = await self._send(model, cmd, args, deadline=deadline)
@@ -509,8 +512,7 @@ class AsyncClient:
                     if msg["kind"] == "result":
                         return msg["result"], resumed
             except (WorkerCrashed, ShuttingDown) as exc:
-                if not (retryable or isinstance(exc, ShuttingDown) and args.get("seq") is None) \
-                        or not self._may_resume(call, exc, resume, resumed, deadline):
+                if not self._may_resume(call, cmd, args, exc, resume, resumed, deadline):
                     raise
                 resumed += 1
                 log.info("sending %s to model %s again: %s", cmd, model, exc.message)
@@ -557,7 +559,7 @@ class AsyncClient:
 
     async def reload(self) -> protocol.Reloaded:
         """Make the supervisor re-read its configuration file and apply the change
-        (ConfigError, and nothing changed, if it does not load)."""
+        (BadRequest, and nothing changed, if it does not load)."""
         return protocol.Reloaded.from_wire(await self._supervisor("reload", {},
                                                                   timeout=30.0))
 

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -203,7 +203,7 @@ class ModelPool:
         return not live or (len(live) < self.replicas and now - self.refreshed >= REFRESH_S)
 
     def update(self, found: protocol.ModelEndpoints, now: float,
-               connect: Any) -> None:
+               connect: Callable[[protocol.WorkerEndpoint], WorkerConn]) -> None:
         """Take a ``lookup`` answer: connect to new workers, retire unlisted ones."""
         self.replicas = found.replicas
         self.refreshed = now

@@ -283,13 +283,19 @@ class Config:
             models[name] = _model_from(name, table, sup, base_dir)
         http = _http_from(raw["http"], sup, base_dir) if "http" in raw else None
         cfg = cls(supervisor=sup, models=models, http=http)
-        cfg.check_endpoints()
-        eager = [m for m in models.values() if not m.on_demand]
-        if 0 < sup.max_loaded_models < len(eager):
-            raise ConfigError(f"{len(eager)} eager models exceed [supervisor] "
-                              f"max_loaded_models ({sup.max_loaded_models}): make some "
-                              "load = \"on_demand\"")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """The checks across tables (ConfigError): every endpoint fits and is its own,
+        and the eager models fit ``max_loaded_models``."""
+        self.check_endpoints()
+        eager = [m for m in self.models.values() if not m.on_demand]
+        limit = self.supervisor.max_loaded_models
+        if 0 < limit < len(eager):
+            raise ConfigError(f"{len(eager)} eager models exceed [supervisor] "
+                              f"max_loaded_models ({limit}): make some "
+                              "load = \"on_demand\"")
 
     def with_http(self, listen: str) -> Config:
         """This config with the gateway on at ``listen`` (``serve --http``)."""

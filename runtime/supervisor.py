@@ -181,6 +181,10 @@ class ModelSlot:
     def name(self) -> str:
         return self.config.name
 
+    def touch(self, now: float) -> None:
+        """It had a request at ``now``."""
+        self.last_used, self.used = now, True
+
     @property
     def keep_alive(self) -> float:
         return self.config.keep_alive if self.keep_alive_override is None \
@@ -912,10 +916,7 @@ class Supervisor:
         if new.http != self.config.http:
             raise ConfigError("[http] changed: restart the fleet to change the gateway "
                               "(reload applies [models])")
-        eager = [m for m in new.models.values() if not m.on_demand]
-        if 0 < self.sup.max_loaded_models < len(eager):
-            raise ConfigError(f"{len(eager)} eager models exceed max_loaded_models "
-                              f"({self.sup.max_loaded_models})")
+        new.check()  # a Config built by hand has not been through Config.load
         out = protocol.Reloaded()
         for name in [n for n in self.models if n not in new.models]:
             out.removed.append(name)
@@ -934,13 +935,11 @@ class Supervisor:
                 if not m.on_demand:
                     self._load(added)
                 continue
-            slot = existing
-            old = slot.config
-            if old.to_dict() == m.to_dict():
+            if existing.config.to_dict() == m.to_dict():
                 out.unchanged.append(name)
                 continue
             out.changed.append(name)
-            self._change(slot, m)
+            self._change(existing, m)
         self.config = Config(supervisor=self.sup, models=dict(new.models),
                              http=self.config.http, source=self.config.source)
         self._notify()
@@ -969,12 +968,16 @@ class Supervisor:
             for h in keep:
                 h.model = m
         if m.on_demand and self.registry.failed(slot.name):  # the next request tries it
-            self.registry.clear_failure(slot.name)
-            for h in keep:
-                if h.state == "failed":
-                    h.state = "unloaded"
+            self._forgive(slot)
         if not m.on_demand and not slot.resident:
             self._load(slot)
+
+    def _forgive(self, slot: ModelSlot) -> None:
+        """Forget that a model failed: it is ``unloaded``, and the next load tries it."""
+        self.registry.clear_failure(slot.name)
+        for h in slot.handles:
+            if h.state == "failed":
+                h.state = "unloaded"
 
     def _retire(self, h: WorkerHandle, why: str) -> None:
         if h.proc is None:
@@ -1008,7 +1011,7 @@ class Supervisor:
         slot = self.models.get(h.model.name)
         if slot is not None and h not in self._retiring and (
                 inflight or int(ev.requests or 0) != h.requests):
-            slot.last_used, slot.used = now, True
+            slot.touch(now)
         if slot is not None and ev.keep_alive is not None and \
                 ev.keep_alive != h.requested_keep_alive:
             h.requested_keep_alive = slot.keep_alive_override = float(ev.keep_alive)
@@ -1084,10 +1087,7 @@ class Supervisor:
         slot = self.models[name]
         now = time.monotonic()
         if cmd == "load" and self.registry.failed(name):
-            self.registry.clear_failure(name)
-            for h in slot.handles:
-                if h.state == "failed":
-                    h.state = "unloaded"
+            self._forgive(slot)
         if cmd == "load" and args["wait_ms"] == 0:  # start it; answer with what is ready
             if not slot.resident:
                 slot.forced = True
@@ -1100,7 +1100,7 @@ class Supervisor:
         found = self.registry.lookup(name, (peer, req_id), now, args["wait_ms"],
                                      args.get("exclude", ()))
         if found is not None:
-            slot.last_used, slot.used = now, True
+            slot.touch(now)
             self._reply(peer, protocol.result(req_id, found))
         elif not slot.resident:
             slot.forced = slot.forced or cmd == "load"
@@ -1119,7 +1119,7 @@ class Supervisor:
             else:
                 slot = self.models.get(answer.model)
                 if slot is not None:
-                    slot.last_used, slot.used = now, True
+                    slot.touch(now)
                 self._reply(peer, protocol.result(req_id, answer))
 
     def _reply(self, peer: bytes, data: bytes) -> None:

@@ -82,6 +82,8 @@ log = logging.getLogger("llamafleet.supervisor")
 
 #: the loop's longest sleep when nothing is due (seconds)
 MAX_SLEEP = 1.0
+#: seconds a model counts as busy after its last lookup or reported activity
+ROUTE_GRACE = 0.25
 #: how often exits are polled for where pidfds are not available (seconds)
 EXIT_POLL = 0.05
 
@@ -197,6 +199,11 @@ class ModelSlot:
     @property
     def stopping(self) -> bool:
         return any(h.stopping is not None and h.proc is not None for h in self.handles)
+
+    @property
+    def up(self) -> bool:
+        """Serving or about to: some replica is resident and not being stopped."""
+        return any(h.resident and h.stopping is None for h in self.handles)
 
 
 class Supervisor:
@@ -682,9 +689,11 @@ class Supervisor:
 
     # -- the model lifecycle: on demand, keep_alive, eviction, rolling restarts ------------
     def _grace(self) -> float:
-        """How long a model counts as busy after a request was routed to it (its
-        worker reports the request in its next heartbeat)."""
-        return max(1.0, 2 * self.sup.heartbeat_interval)
+        """How long a model counts as busy after a lookup routed a request to it, or
+        after its worker last reported activity: long enough for the request to
+        reach the worker and the worker to say so (it beats within 50 ms of work
+        starting, ending or arriving), short enough not to delay an eviction."""
+        return ROUTE_GRACE
 
     def _busy(self, slot: ModelSlot, now: float) -> bool:
         return (any(h.inflight or h.state in ("starting", "restarting")
@@ -719,7 +728,7 @@ class Supervisor:
 
         Raises WorkerFailed when it can never fit, Overloaded when too many requests
         already wait for room."""
-        if slot.resident or slot.name in self._load_queue:
+        if slot.up or slot.name in self._load_queue:
             return
         need = self._need_mb(slot)
         if too_big(need, self.sup.memory_budget_mb):
@@ -736,27 +745,27 @@ class Supervisor:
         self._serve_load_queue(time.monotonic())
 
     def _serve_load_queue(self, now: float) -> None:
-        """Load the queued models in order, each once there is room for it."""
-        while self._load_queue:
-            slot = self.models.get(self._load_queue[0])
-            if slot is None or slot.resident:
-                self._load_queue.popleft()
+        """Load the queued models in order, each once there is room for it (and once
+        its own workers, if an unload is stopping them, have exited)."""
+        for name in list(self._load_queue):
+            slot = self.models.get(name)
+            if slot is None or slot.up or (not self.registry.waiters(name)
+                                           and not slot.forced):
+                self._load_queue.remove(name)  # loaded, removed, or nobody waits
                 continue
-            if not self.registry.waiters(slot.name) and not slot.forced:
-                self._load_queue.popleft()  # nobody waits for it any more
-                continue
+            if slot.resident:
+                continue  # still stopping (evicted just before it was asked for)
             plan = plan_load(self._residents(now, slot.name), self._need_mb(slot),
                              max_models=self.sup.max_loaded_models,
                              budget_mb=self.sup.memory_budget_mb)
             if plan is None:
                 return  # every model in the way is busy or pinned: wait
-            for name in plan.evict:
-                log.info("unloading %s to make room for %s", name, slot.name)
-                self._unload(self.models[name], f"evicted for {slot.name} (least recently "
-                                                "used)")
+            for victim in plan.evict:
+                log.info("unloading %s to make room for %s", victim, slot.name)
+                self._unload(self.models[victim], f"evicted for {slot.name} (least "
+                                                  "recently used)")
             if not plan.ready:
                 return  # room is being made: load when they have exited
-            self._load_queue.popleft()
             log.info("loading %s on demand", slot.name)
             self._load(slot)
 
@@ -1089,7 +1098,7 @@ class Supervisor:
         if cmd == "load" and self.registry.failed(name):
             self._forgive(slot)
         if cmd == "load" and args["wait_ms"] == 0:  # start it; answer with what is ready
-            if not slot.resident:
+            if not slot.up:
                 slot.forced = True
                 self._request_load(slot)
             self._reply(peer, protocol.result(req_id, protocol.ModelEndpoints(
@@ -1102,7 +1111,7 @@ class Supervisor:
         if found is not None:
             slot.touch(now)
             self._reply(peer, protocol.result(req_id, found))
-        elif not slot.resident:
+        elif not slot.up:
             slot.forced = slot.forced or cmd == "load"
             try:
                 self._request_load(slot)

@@ -471,3 +471,45 @@ def test_requests_waiting_for_room_queue_in_order_then_overloaded(fleet) -> None
         waiter.join(30)
         assert len(got) == 1 and len(got[0].tokens) == 2  # b loaded once a was idle
         assert _alive(sup) == 1
+
+
+def test_a_request_for_a_model_being_unloaded_loads_it_again_after_the_drain(fleet) -> None:
+    """The unload drains the request in flight; a request that arrives meanwhile waits
+    for the old worker to exit, then loads a new one (it never waits out its timeout)."""
+    sup = fleet({"a": {"backend": "fake", "load": "on_demand", "token_delay": 0.01}})
+    with Client(sup.address, timeout=60) as c, Client(sup.address, timeout=60) as late:
+        running = c.stream("a", "x", max_tokens=100, ignore_eos=True)  # ~1 s
+        next(running)
+        first = _state(c, "a")["generation"]
+        c.unload("a")
+        wait_for(lambda: _state(c, "a")["state"] == "stopping", timeout=10)
+        t0 = time.monotonic()
+        r = late.generate("a", "y", max_tokens=2, ignore_eos=True)
+        took = time.monotonic() - t0
+        assert len(r.tokens) == 2
+        assert running.collect().finish_reason == "length"  # the drain finished it
+        assert _state(c, "a")["generation"] > first and _state(c, "a")["state"] == "ready"
+        assert took < 20, took  # not the 30 s lookup timeout
+
+
+def test_memory_budget_evicts_the_least_recently_used_until_the_load_fits(fleet) -> None:
+    od = {"backend": "fake", "load": "on_demand"}
+    sup = fleet({"a": {**od, "memory_mb": 400}, "b": {**od, "memory_mb": 400},
+                 "c": {**od, "memory_mb": 700}, "d": {**od, "memory_mb": 100}},
+                memory_budget_mb=1000)
+    with Client(sup.address, timeout=60) as c:
+        def use(model: str) -> set[str]:
+            """One request; then the models loaded (use is ordered by heartbeats, which
+            follow a request within 50 ms: leave them apart)."""
+            c.generate(model, "x", max_tokens=1)
+            time.sleep(0.2)
+            return {w["model"] for w in c.status() if w["pid"] is not None}
+        use("a")
+        use("b")
+        assert use("d") == {"a", "b", "d"}  # 900 MiB: all three fit
+        use("a")  # least recently used now: b, then d, then a
+        # c needs 700: evicting b leaves 500 + 700, d 400 + 700, so a must go too
+        assert use("c") == {"c"}
+        assert use("d") == {"c", "d"}  # 800: nothing evicted
+        assert use("b") == {"b", "d"}  # 1200 would not fit: c is older than d
+        assert all(w["rss_mb"] for w in c.status() if w["pid"])

@@ -47,6 +47,10 @@ MAX_MESSAGES_PER_TURN = 64
 #: How often the watcher thread looks while an abort time or a shutdown is pending (s);
 #: otherwise it sleeps until the next heartbeat, a signal or a kick.
 WATCH_INTERVAL = 0.05
+#: Soonest a heartbeat follows the last one when only activity changed (s): work
+#: started or ended, or requests arrived. The supervisor's eviction and keep_alive
+#: act on the news at once instead of a heartbeat interval later.
+ACTIVITY_BEAT = 0.05
 #: the main loop's longest wait when no work is queued (milliseconds)
 IDLE_WAIT_MS = 1000
 #: how often replies queued for a client that is not reading are offered again (ms)
@@ -106,6 +110,10 @@ class Worker:
         self._sigterm_at: float | None = None
         self._parent = os.getppid()
         self._state_changed = threading.Event()
+        #: the activity the last heartbeat reported: (work in flight, requests)
+        self._reported = (False, 0)
+        #: the activity changed since: beat within ACTIVITY_BEAT
+        self._activity = threading.Event()
         # wakes the watcher thread at once (state change, abort deadline armed)
         self._kick_r, self._kick_w = os.pipe()
         # wakes the main loop out of its idle wait (SIGTERM)
@@ -180,7 +188,7 @@ class Worker:
             model=self.spec.model, pid=os.getpid(), generation=self.spec.generation,
             replica=self.spec.replica)))
         interval = self.spec.heartbeat_interval
-        next_beat = 0.0
+        next_beat = last_beat = 0.0
         while True:
             if os.getppid() != self._parent:
                 # the supervisor is gone: nobody can restart or route to us
@@ -188,21 +196,26 @@ class Worker:
             self._watch_signals()
             self._watch_abort()
             now = time.monotonic()
-            if now >= next_beat or self._state_changed.is_set():
+            active = self._activity.is_set() and now - last_beat >= ACTIVITY_BEAT
+            if now >= next_beat or active or self._state_changed.is_set():
                 self._state_changed.clear()
-                next_beat = now + interval
+                self._activity.clear()
+                next_beat, last_beat = now + interval, now
+                inflight = self.scheduler.inflight() if self.scheduler else 0
+                self._reported = (inflight > 0, self.requests)
                 sock.send(protocol.encode_event(protocol.Heartbeat(
                     model=self.spec.model, pid=os.getpid(),
                     generation=self.spec.generation, state=self.state,
                     load_progress=self.load_progress, endpoint=self.endpoint,
-                    error=self.error, progress=self.progress,
-                    inflight=self.scheduler.inflight() if self.scheduler else 0,
+                    error=self.error, progress=self.progress, inflight=inflight,
                     replica=self.spec.replica, requests=self.requests,
                     keep_alive=self.requested_keep_alive)))
             # Sleep until the next heartbeat unless something must be watched closely:
             # every wake-up takes a core from the decode threads. A signal (wakeup fd)
             # or a kick (state change, abort deadline armed) ends the sleep early.
-            timeout = max(0.0, next_beat - time.monotonic())
+            due = min(next_beat, last_beat + ACTIVITY_BEAT) if self._activity.is_set() \
+                else next_beat
+            timeout = max(0.0, due - time.monotonic())
             sched = self.scheduler
             if self._sigterm_at is not None or (sched is not None and sched.abort_at is not None):
                 timeout = min(timeout, WATCH_INTERVAL)
@@ -429,6 +442,10 @@ class Worker:
                     log.exception("scheduler tick failed")
                     sched.fail_all(InternalError(f"{type(exc).__name__}: {exc}"))
                 self.progress += 1
+            if (sched.inflight() > 0, self.requests) != self._reported and \
+                    not self._activity.is_set():
+                self._activity.set()
+                self._kick()
             while self._gone:
                 key = self._gone.pop()
                 if sched.cancel(key, notify=False):

@@ -421,13 +421,17 @@ class AsyncClient:
         pool.update(found, loop.time(), lambda e: WorkerConn(self, e))
 
     async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
-                    deadline: float) -> Call:
+                    deadline: float, replica: int | None = None) -> Call:
         protocol.validate_args(cmd, args)
         if self._closed:
             raise Cancelled("client closed")
         seq = args.get("seq")
+        # an explicit sequence lives on replica seq % replicas; so does replica N itself
         conn = await self._conn(model, deadline, args.get("session"),
-                                seq if isinstance(seq, int) else None)
+                                seq if isinstance(seq, int) else replica)
+        if replica is not None and conn.replica != replica:
+            raise BadRequest(f"model {model} has no replica {replica} (it has "
+                             f"{self._pool(model).replicas})", data={"model": model})
         if cmd in _PER_WORKER and self._pool(model).replicas > 1:
             raise NotSupported(f"{cmd} changes one worker's state, and model {model} has "
                                f"{self._pool(model).replicas} replicas: configure adapters "
@@ -498,14 +502,16 @@ class AsyncClient:
         return (await self._request(model, cmd, dict(args or {}), timeout, resume))[0]
 
     async def _request(self, model: str, cmd: str, args: dict[str, Any],
-                       timeout: float | None, resume: bool | None) -> tuple[Any, int]:
-        """One worker command, sent again (see :meth:`_may_resume`) when its worker
-        dies or leaves first; returns the result and how often it was resent."""
+                       timeout: float | None, resume: bool | None,
+                       replica: int | None = None) -> tuple[Any, int]:
+        """One worker command (to ``replica`` when given), sent again (see
+        :meth:`_may_resume`) when its worker dies or leaves first; returns the result
+        and how often it was resent."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout(timeout)
         resumed = 0
         while True:
-            call = await self._send(model, cmd, args, deadline=deadline)
+            call = await self._send(model, cmd, args, deadline=deadline, replica=replica)
             try:
                 while True:
                     msg = await self._next(call, deadline)
@@ -525,11 +531,12 @@ class AsyncClient:
                 self._forget(call)
 
     async def _command(self, model: str, cmd: str, reply: type[R], args: dict[str, Any] | None,
-                       timeout: float | None, resume: bool | None = None) -> R:
+                       timeout: float | None, resume: bool | None = None,
+                       replica: int | None = None) -> R:
         """One worker command, its result decoded as the protocol declares it."""
         assert protocol.COMMANDS[cmd].reply is reply
-        return reply.from_wire(await self.call(model, cmd, args, timeout=timeout,
-                                               resume=resume))
+        result, _ = await self._request(model, cmd, dict(args or {}), timeout, resume, replica)
+        return reply.from_wire(result)
 
     # -- supervisor ---------------------------------------------------------------------
     async def status(self, *, timeout: float | None = 10.0) -> list[dict[str, Any]]:
@@ -568,17 +575,24 @@ class AsyncClient:
         await self._supervisor("shutdown", {}, timeout=10.0)
 
     # -- model commands -------------------------------------------------------------------
-    async def ping(self, model: str, *, timeout: float | None = None) -> protocol.Pong:
-        """A round trip to the model's worker."""
-        return await self._command(model, "ping", protocol.Pong, None, timeout)
+    async def ping(self, model: str, *, timeout: float | None = None,
+                   replica: int | None = None) -> protocol.Pong:
+        """A round trip to the model's worker (``replica``: that one; it is waited for
+        while it restarts)."""
+        return await self._command(model, "ping", protocol.Pong, None, timeout,
+                                   replica=replica)
 
-    async def info(self, model: str, *, timeout: float | None = None) -> protocol.Info:
+    async def info(self, model: str, *, timeout: float | None = None,
+                   replica: int | None = None) -> protocol.Info:
         """Model metadata, backend, limits, default sampling, adapters, scheduler and cache."""
-        return await self._command(model, "info", protocol.Info, None, timeout)
+        return await self._command(model, "info", protocol.Info, None, timeout, replica=replica)
 
-    async def metrics(self, model: str, *, timeout: float | None = None) -> protocol.WorkerMetrics:
-        """The worker's counters, gauges and histograms (what /metrics exports)."""
-        return await self._command(model, "metrics", protocol.WorkerMetrics, None, timeout)
+    async def metrics(self, model: str, *, timeout: float | None = None,
+                      replica: int | None = None) -> protocol.WorkerMetrics:
+        """One worker's counters, gauges and histograms (what /metrics exports, one
+        series per replica)."""
+        return await self._command(model, "metrics", protocol.WorkerMetrics, None, timeout,
+                                   replica=replica)
 
     async def tokenize(self, model: str, text: str, *, add_special: bool = True,
                        parse_special: bool = False, timeout: float | None = None) -> list[int]:

@@ -381,18 +381,18 @@ def test_metrics_move_as_requests_are_served(url: str, oai: openai.OpenAI) -> No
     r = oai.completions.create(model="tiny", prompt="count me", max_tokens=7, **GREEDY)
     assert r.usage is not None
     after = metrics(url)
-    key = "llamafleet_generation_tokens_total{model=tiny}"
+    key = "llamafleet_generation_tokens_total{model=tiny,replica=0}"
     assert after[key] - before.get(key, 0) == 7
-    key = "llamafleet_prompt_tokens_total{model=tiny}"
+    key = "llamafleet_prompt_tokens_total{model=tiny,replica=0}"
     assert after[key] - before.get(key, 0) == r.usage.prompt_tokens
-    key = "llamafleet_e2e_request_latency_seconds_count{model=tiny}"
+    key = "llamafleet_e2e_request_latency_seconds_count{model=tiny,replica=0}"
     assert after[key] - before.get(key, 0) == 1
-    key = "llamafleet_requests_finished_total{finish_reason=length,model=tiny}"
+    key = "llamafleet_requests_finished_total{finish_reason=length,model=tiny,replica=0}"
     assert after[key] - before.get(key, 0) == 1
-    assert after["llamafleet_worker_state{model=tiny,state=ready}"] == 1
-    assert after["llamafleet_worker_state{model=tiny,state=failed}"] == 0
-    assert after["llamafleet_kv_cache_capacity_tokens{model=tiny}"] == 2048
-    assert after["llamafleet_worker_load_seconds{model=tiny}"] >= 0
+    assert after["llamafleet_worker_state{model=tiny,replica=0,state=ready}"] == 1
+    assert after["llamafleet_worker_state{model=tiny,replica=0,state=failed}"] == 0
+    assert after["llamafleet_kv_cache_capacity_tokens{model=tiny,replica=0}"] == 2048
+    assert after["llamafleet_worker_load_seconds{model=tiny,replica=0}"] >= 0
     key = "llamafleet_http_requests_total{code=200,endpoint=/v1/completions,model=tiny}"
     assert after[key] - before.get(key, 0) == 1
 
@@ -463,7 +463,7 @@ def test_metrics_listen_alone() -> None:
             r = c.generate("tiny", "a", max_tokens=3, ignore_eos=True)
         assert len(r.tokens) == 3
         m = metrics(sup.metrics_url)
-        assert m["llamafleet_generation_tokens_total{model=tiny}"] == 3
+        assert m["llamafleet_generation_tokens_total{model=tiny,replica=0}"] == 3
         assert httpx.get(sup.metrics_url + "/v1/models").status_code == 404
     finally:
         sup.stop()

@@ -218,13 +218,13 @@ def test_worker_state_load_time_and_kv(c: Client, exporter: Exporter) -> None:
         c.seq_clear("fast", 0)
     for model in MODELS:
         for state in WORKER_STATES:
-            assert m[f"llamafleet_worker_state{{model={model},state={state}}}"] == \
+            assert m[f"llamafleet_worker_state{{model={model},replica=0,state={state}}}"] == \
                 (1.0 if state == "ready" else 0.0)
-        assert m[f"llamafleet_worker_load_seconds{{model={model}}}"] >= 0
-        assert m[f"llamafleet_requests_running{{model={model}}}"] == 0
-    assert m["llamafleet_kv_cache_capacity_tokens{model=fast}"] == 512
-    assert m["llamafleet_kv_cache_used_tokens{model=fast}"] == len(tokens)
-    assert m["llamafleet_kv_cache_usage_ratio{model=fast}"] == pytest.approx(len(tokens) / 512)
+        assert m[f"llamafleet_worker_load_seconds{{model={model},replica=0}}"] >= 0
+        assert m[f"llamafleet_requests_running{{model={model},replica=0}}"] == 0
+    assert m["llamafleet_kv_cache_capacity_tokens{model=fast,replica=0}"] == 512
+    assert m["llamafleet_kv_cache_used_tokens{model=fast,replica=0}"] == len(tokens)
+    assert m["llamafleet_kv_cache_usage_ratio{model=fast,replica=0}"] == pytest.approx(len(tokens) / 512)
 
 
 def test_exported_values_move_as_requests_are_served(c: Client, exporter: Exporter) -> None:
@@ -232,36 +232,36 @@ def test_exported_values_move_as_requests_are_served(c: Client, exporter: Export
     res = serve(c, "fast", [("count these tokens", 4), ("and these ones", 7)])
     after = exporter.scrape()
     direct = c.metrics("fast")  # nothing ran in between: the same numbers
-    assert delta(after, before, "llamafleet_generation_tokens_total{model=fast}") == \
+    assert delta(after, before, "llamafleet_generation_tokens_total{model=fast,replica=0}") == \
         sum(r.stats.generated_tokens for r in res) == 11
-    assert after["llamafleet_generation_tokens_total{model=fast}"] == direct.generated_tokens
-    assert delta(after, before, "llamafleet_prompt_tokens_total{model=fast}") == \
+    assert after["llamafleet_generation_tokens_total{model=fast,replica=0}"] == direct.generated_tokens
+    assert delta(after, before, "llamafleet_prompt_tokens_total{model=fast,replica=0}") == \
         sum(r.stats.prompt_tokens for r in res)
-    assert after["llamafleet_cached_prompt_tokens_total{model=fast}"] == direct.cached_tokens
-    assert after["llamafleet_prefix_cache_queries_total{model=fast}"] == \
+    assert after["llamafleet_cached_prompt_tokens_total{model=fast,replica=0}"] == direct.cached_tokens
+    assert after["llamafleet_prefix_cache_queries_total{model=fast,replica=0}"] == \
         direct.prefix_cache_queries
-    key = "llamafleet_requests_finished_total{finish_reason=length,model=fast}"
+    key = "llamafleet_requests_finished_total{finish_reason=length,model=fast,replica=0}"
     assert delta(after, before, key) == 2
     for name, exported in HISTOGRAMS.items():
-        count = f"{exported}_count{{model=fast}}"
+        count = f"{exported}_count{{model=fast,replica=0}}"
         if name != "inter_token_seconds":
             assert delta(after, before, count) == 2, name
         h = hist(direct, name)
         assert after[count] == h.count
-        assert after[f"{exported}_sum{{model=fast}}"] == pytest.approx(h.sum)
+        assert after[f"{exported}_sum{{model=fast,replica=0}}"] == pytest.approx(h.sum)
         # cumulative buckets: le=b counts every observation <= b; +Inf is the count
-        buckets = [after[f"{exported}_bucket{{le={le},model=fast}}"]
+        buckets = [after[f"{exported}_bucket{{le={le},model=fast,replica=0}}"]
                    for le in [*(repr(float(b)) for b in h.bounds), "+Inf"]]
         assert buckets == [float(sum(h.counts[:i + 1])) for i in range(len(h.counts))]
         assert buckets[-1] == after[count]
-    assert delta(after, before, "llamafleet_inter_token_latency_seconds_count{model=fast}") == \
+    assert delta(after, before, "llamafleet_inter_token_latency_seconds_count{model=fast,replica=0}") == \
         sum(r.stats.generated_tokens - 1 for r in res)
-    key = "llamafleet_request_generation_tokens_bucket{le=5.0,model=fast}"
+    key = "llamafleet_request_generation_tokens_bucket{le=5.0,model=fast,replica=0}"
     assert delta(after, before, key) == 1  # 4 tokens is <= 5, 7 is not
 
 
 def test_failures_are_exported_by_code(c: Client, exporter: Exporter) -> None:
-    key = "llamafleet_requests_failed_total{code=bad_request,model=fast}"
+    key = "llamafleet_requests_failed_total{code=bad_request,model=fast,replica=0}"
     before = exporter.scrape().get(key, 0.0)
     catch(lambda: c.generate("fast", "word " * 600, max_tokens=2))
     assert exporter.scrape()[key] == before + 1
@@ -301,7 +301,7 @@ def test_a_killed_worker_counts_a_restart_and_starts_from_zero(
         sup: Supervisor, c: Client, exporter: Exporter) -> None:
     serve(c, "crashy", [("before the crash", 3)])
     before = exporter.scrape()
-    assert before["llamafleet_generation_tokens_total{model=crashy}"] == 3
+    assert before["llamafleet_generation_tokens_total{model=crashy,replica=0}"] == 3
     old = worker_pid(sup, "crashy")
     kill(old)
 
@@ -311,14 +311,14 @@ def test_a_killed_worker_counts_a_restart_and_starts_from_zero(
 
     wait_for(back, timeout=30)
     after = exporter.scrape()
-    assert delta(after, before, "llamafleet_worker_restarts_total{model=crashy}") == 1
-    assert after["llamafleet_worker_restarts_total{model=fast}"] == \
-        before["llamafleet_worker_restarts_total{model=fast}"]
-    assert after["llamafleet_worker_state{model=crashy,state=ready}"] == 1
-    assert after["llamafleet_worker_state{model=crashy,state=restarting}"] == 0
+    assert delta(after, before, "llamafleet_worker_restarts_total{model=crashy,replica=0}") == 1
+    assert after["llamafleet_worker_restarts_total{model=fast,replica=0}"] == \
+        before["llamafleet_worker_restarts_total{model=fast,replica=0}"]
+    assert after["llamafleet_worker_state{model=crashy,replica=0,state=ready}"] == 1
+    assert after["llamafleet_worker_state{model=crashy,replica=0,state=restarting}"] == 0
     # the new worker's counters start over (a counter reset, as Prometheus expects)
-    assert after["llamafleet_generation_tokens_total{model=crashy}"] == 0
-    assert after["llamafleet_e2e_request_latency_seconds_count{model=crashy}"] == 0
+    assert after["llamafleet_generation_tokens_total{model=crashy,replica=0}"] == 0
+    assert after["llamafleet_e2e_request_latency_seconds_count{model=crashy,replica=0}"] == 0
 
 
 def test_a_worker_that_does_not_answer_is_left_out() -> None:
@@ -335,10 +335,10 @@ def test_a_worker_that_does_not_answer_is_left_out() -> None:
             assert time.monotonic() - t0 < 3
         finally:
             e.close()
-    assert "llamafleet_requests_running{model=ok}" in m
-    assert "llamafleet_requests_running{model=wedged}" not in m
+    assert "llamafleet_requests_running{model=ok,replica=0}" in m
+    assert "llamafleet_requests_running{model=wedged,replica=0}" not in m
     # what the supervisor knows is still there
-    assert m["llamafleet_worker_state{model=wedged,state=ready}"] == 1
+    assert m["llamafleet_worker_state{model=wedged,replica=0,state=ready}"] == 1
 
 
 async def _start(client: AsyncClient) -> None:
@@ -353,3 +353,32 @@ def test_the_exporter_imports_no_http_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_replica_is_its_own_series_and_they_sum_to_the_model() -> None:
+    """Two replicas: each worker's numbers under its ``replica`` label (none read
+    twice, none missing); their sum is every token the model's requests generated."""
+    with fake_fleet({"r": {"backend": "fake", "replicas": 2, "token_delay": 0.005}}) as s, \
+            Client(s.address, timeout=30) as c:
+        e = Exporter(s.address, ["r"])
+        try:
+            results: list[Completion] = []
+            threads = [threading.Thread(target=lambda i=i: results.append(c.generate(
+                "r", f"prompt {i}", max_tokens=10 + i, **GREEDY))) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert len(results) == 8
+            m = e.scrape()
+            direct = [c.metrics("r", replica=r) for r in (0, 1)]
+            with pytest.raises(BadRequest, match="no replica 2"):
+                c.metrics("r", replica=2)
+        finally:
+            e.close()
+    per = [m[f"llamafleet_generation_tokens_total{{model=r,replica={r}}}"] for r in (0, 1)]
+    assert per == [d.generated_tokens for d in direct]
+    assert all(per)  # the least-busy routing used both
+    assert sum(per) == sum(r.stats.generated_tokens for r in results)
+    for r in (0, 1):
+        assert m[f"llamafleet_worker_state{{model=r,replica={r},state=ready}}"] == 1

@@ -5,7 +5,8 @@ restarts, load time of every worker) and every ready worker for ``metrics`` (its
 counters, gauges and histograms, see :mod:`llamafleet.worker.metrics`); a custom
 collector turns that snapshot into metric families. The gateway's own HTTP counters
 are ordinary prometheus_client metrics in the same registry. Every series has a
-``model`` label; names are listed in ``docs/metrics.md``.
+``model`` label, and those of a worker a ``replica`` label too (sum them by model
+for the model's totals); names are listed in ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ COUNTERS = {
 
 class Snapshot:
     """What the last refresh saw: the supervisor's worker status maps and the
-    ``metrics`` replies of the workers that answered, by model."""
+    ``metrics`` replies of the workers that answered, by (model, replica)."""
 
     def __init__(self) -> None:
         self.workers: list[dict[str, Any]] = []
-        self.metrics: dict[str, WorkerMetrics] = {}
+        self.metrics: dict[tuple[str, int], WorkerMetrics] = {}
 
 
 class _FleetCollector(Collector):
@@ -76,7 +77,7 @@ class _FleetCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.owner.snapshot
-        labels = ["model"]
+        labels = ["model", "replica"]
         running = GaugeMetricFamily(PREFIX + "requests_running",
                                     "Requests generating now.", labels=labels)
         waiting = GaugeMetricFamily(PREFIX + "requests_waiting",
@@ -91,45 +92,47 @@ class _FleetCollector(Collector):
                     for k, (name, doc) in COUNTERS.items()}
         finished = CounterMetricFamily(PREFIX + "requests_finished",
                                        "Requests that ended with a result, by finish reason.",
-                                       labels=["model", "finish_reason"])
+                                       labels=[*labels, "finish_reason"])
         failed = CounterMetricFamily(PREFIX + "requests_failed",
                                      "Requests that ended with an error, by error code.",
-                                     labels=["model", "code"])
+                                     labels=[*labels, "code"])
         hists = {k: HistogramMetricFamily(PREFIX + name, doc, labels=labels)
                  for k, (name, doc) in HISTOGRAMS.items()}
-        for model, m in snap.metrics.items():
-            running.add_metric([model], m.requests_running)
-            waiting.add_metric([model], m.requests_waiting)
-            kv_used.add_metric([model], m.kv_used_tokens)
-            kv_cap.add_metric([model], m.kv_capacity_tokens)
-            kv_ratio.add_metric([model], m.kv_used_tokens / m.kv_capacity_tokens
+        for (model, replica), m in sorted(snap.metrics.items()):
+            who = [model, str(replica)]
+            running.add_metric(who, m.requests_running)
+            waiting.add_metric(who, m.requests_waiting)
+            kv_used.add_metric(who, m.kv_used_tokens)
+            kv_cap.add_metric(who, m.kv_capacity_tokens)
+            kv_ratio.add_metric(who, m.kv_used_tokens / m.kv_capacity_tokens
                                 if m.kv_capacity_tokens else 0.0)
             for key, family in counters.items():
-                family.add_metric([model], getattr(m, key))
+                family.add_metric(who, getattr(m, key))
             for reason, n in sorted(m.finished.items()):
-                finished.add_metric([model, reason], n)
+                finished.add_metric([*who, reason], n)
             for code, n in sorted(m.failed.items()):
-                failed.add_metric([model, code], n)
+                failed.add_metric([*who, code], n)
             for key, hist in hists.items():
                 if key in m.histograms:
                     h = HistogramData.from_wire(m.histograms[key])
-                    hist.add_metric([model], cumulative_buckets(h), sum_value=h.sum)
+                    hist.add_metric(who, cumulative_buckets(h), sum_value=h.sum)
         yield from (running, waiting, *counters.values(), finished, failed, *hists.values(),
                     kv_used, kv_cap, kv_ratio)
         restarts = CounterMetricFamily(PREFIX + "worker_restarts",
                                        "Times the model's worker was restarted.", labels=labels)
         state = GaugeMetricFamily(PREFIX + "worker_state",
                                   "1 for the worker's current state, 0 for the others.",
-                                  labels=["model", "state"])
+                                  labels=[*labels, "state"])
         load = GaugeMetricFamily(PREFIX + "worker_load_seconds",
                                  "Seconds the running worker took from start to ready.",
                                  labels=labels)
         for w in snap.workers:
-            restarts.add_metric([w["model"]], w.get("restarts", 0))
+            who = [w["model"], str(w.get("replica", 0))]
+            restarts.add_metric(who, w.get("restarts", 0))
             for s in sorted({*WORKER_STATES, w["state"]}):
-                state.add_metric([w["model"], s], 1.0 if s == w["state"] else 0.0)
+                state.add_metric([*who, s], 1.0 if s == w["state"] else 0.0)
             if w.get("load_s") is not None:
-                load.add_metric([w["model"]], w["load_s"])
+                load.add_metric(who, w["load_s"])
         yield from (restarts, state, load)
 
 
@@ -165,8 +168,8 @@ class FleetMetrics:
             ["model", "endpoint"], buckets=HTTP_BUCKETS, registry=self.registry)
 
     async def refresh(self, timeout: float = 2.0) -> None:
-        """Ask the supervisor and every ready worker for their numbers (a worker that
-        does not answer within ``timeout`` is left out of this scrape)."""
+        """Ask the supervisor and every ready worker (each replica) for their numbers
+        (a worker that does not answer within ``timeout`` is left out of this scrape)."""
         snap = Snapshot()
         try:
             workers = await self.client.status(timeout=timeout)
@@ -176,20 +179,22 @@ class FleetMetrics:
             return
         wanted = set(self.models)
         snap.workers = [w for w in workers if not wanted or w["model"] in wanted]
-        ready = [w["model"] for w in snap.workers if w["state"] == "ready"]
+        ready = [(w["model"], int(w.get("replica", 0))) for w in snap.workers
+                 if w["state"] == "ready"]
 
-        async def one(model: str) -> WorkerMetrics | None:
+        async def one(model: str, replica: int) -> WorkerMetrics | None:
             try:
-                return await self.client.metrics(model, timeout=timeout)
+                return await self.client.metrics(model, timeout=timeout, replica=replica)
             except LlamafleetError:  # gone, restarting or too slow: not in this scrape
                 return None
             except Exception:  # a bug must not break /metrics for every other model
-                log.exception("metrics of %s", model)
+                log.exception("metrics of %s replica %d", model, replica)
                 return None
 
-        for model, m in zip(ready, await asyncio.gather(*(one(m) for m in ready))):
+        answers = await asyncio.gather(*(one(*who) for who in ready))
+        for who, m in zip(ready, answers):
             if m is not None:
-                snap.metrics[model] = m
+                snap.metrics[who] = m
         self.snapshot = snap
 
     def render(self) -> bytes:

@@ -392,6 +392,8 @@ class AsyncClient:
                 async with pool.lock:
                     if pool.needs_lookup(loop.time()):
                         await self._refresh(pool, deadline)
+            elif pool.stale(loop.time()):
+                pool.rescan = asyncio.ensure_future(self._rescan(pool))
             conn = pool.pick(pool.live(), session, seq)
             if conn is not None:
                 return conn
@@ -419,6 +421,17 @@ class AsyncClient:
             pool.refreshed = loop.time()  # serve on what is live; ask again later
             return
         pool.update(found, loop.time(), lambda e: WorkerConn(self, e))
+
+    async def _rescan(self, pool: ModelPool) -> None:
+        """Look a model in use up again, in the background: replicas a reload added are
+        used, and a supervisor that is slow to answer delays no request."""
+        loop = asyncio.get_running_loop()
+        pool.refreshed = loop.time()
+        try:
+            async with pool.lock:
+                await self._refresh(pool, loop.time() + self.connect_timeout)
+        except LlamafleetError as exc:  # the next request's own lookup reports it
+            log.debug("background lookup of %s: %s", pool.model, exc)
 
     async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
                     deadline: float, replica: int | None = None) -> Call:

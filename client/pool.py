@@ -42,6 +42,9 @@ _AUTH_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED
                 zmq.EVENT_HANDSHAKE_FAILED_AUTH}
 #: how often (seconds) a pool with fewer live replicas than configured asks again
 REFRESH_S = 0.5
+#: how often (seconds) a pool in use looks the model up again in the background
+#: (a reload may have changed its replicas)
+RESCAN_S = 5.0
 #: dead generations remembered per model (sent as ``lookup``'s ``exclude``)
 MAX_DEAD = 64
 
@@ -166,6 +169,8 @@ class ModelPool:
         self.replicas = 1
         self.refreshed = float("-inf")
         self.lock = asyncio.Lock()
+        #: the background lookup of :meth:`stale` pools, while it runs
+        self.rescan: asyncio.Future[None] | None = None
         # where the round-robin starts: random, so that many clients spread out
         self._turn = random.randrange(1 << 16)
 
@@ -202,6 +207,10 @@ class ModelPool:
         live = self.live()
         return not live or (len(live) < self.replicas and now - self.refreshed >= REFRESH_S)
 
+    def stale(self, now: float) -> bool:
+        """Due for a lookup in the background (requests need not wait for it)."""
+        return now - self.refreshed >= RESCAN_S and (self.rescan is None or self.rescan.done())
+
     def update(self, found: protocol.ModelEndpoints, now: float,
                connect: Callable[[protocol.WorkerEndpoint], WorkerConn]) -> None:
         """Take a ``lookup`` answer: connect to new workers, retire unlisted ones."""
@@ -233,6 +242,8 @@ class ModelPool:
         return live[i]
 
     def close(self, err: LlamafleetError) -> None:
+        if self.rescan is not None:
+            self.rescan.cancel()
         for conn in list(self.conns.values()):
             conn.fail(err)
         self.conns.clear()

@@ -56,3 +56,21 @@ def test_retired_and_dead_connections_are_not_picked_and_excluded() -> None:
     pool.retire(a)  # type: ignore[arg-type]
     assert pool.live() == [] and 10 in pool.conns  # kept until its call ends
     assert list(pool.dead) == [11, 10]
+
+
+def test_a_pool_in_use_is_due_for_a_background_lookup_every_rescan_period() -> None:
+    import asyncio
+
+    from llamafleet.client.pool import RESCAN_S
+    pool = ModelPool("m")
+    pool.refreshed = 100.0
+    assert not pool.stale(100.0 + RESCAN_S - 0.01)
+    assert pool.stale(100.0 + RESCAN_S)
+    loop = asyncio.new_event_loop()
+    try:
+        pool.rescan = loop.create_future()  # one running: no second one
+        assert not pool.stale(100.0 + 2 * RESCAN_S)
+        pool.rescan.set_result(None)
+        assert pool.stale(100.0 + 2 * RESCAN_S)
+    finally:
+        loop.close()

@@ -405,6 +405,118 @@ def test_gateway_keep_alive_and_model_states(short_dir: Path) -> None:
         sup.stop()
 
 
+def test_reload_of_only_replicas_starts_or_retires_the_difference(
+        short_dir: Path, tmp_path: Path) -> None:
+    """2 -> 3 -> 1 replicas under load: the replicas kept are not restarted, clients
+    that are already connected find the added one (a background lookup), and the
+    retired ones drain: nothing fails."""
+    cfg = tmp_path / "fleet.toml"
+    fast = {"backend": "fake", "token_delay": 0.005}
+    _write(cfg, short_dir, {"r": {**fast, "replicas": 2}})
+    sup = Supervisor(Config.load(cfg)).start()
+    try:
+        sup.wait_ready(30)
+
+        def pids() -> dict[int, int | None]:
+            return {w["replica"]: w["pid"] for w in sup.status() if w["model"] == "r"}
+
+        first = pids()
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def hammer() -> None:
+            with Client(sup.address, timeout=60) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.generate("r", "hello there", max_tokens=6, ignore_eos=True)
+                        assert len(r.tokens) == 6
+                    except BaseException as exc:  # noqa: BLE001 - asserted below
+                        failed.append(exc)
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        _write(cfg, short_dir, {"r": {**fast, "replicas": 3}})
+        with Client(sup.address) as c:
+            assert c.reload().changed == ["r"]
+            wait_for(lambda: len(pids()) == 3 and all(pids().values())
+                     and _state(c, "r", 2)["state"] == "ready", timeout=30)
+            now = pids()
+            assert now[0] == first[0] and now[1] == first[1]  # kept: not restarted
+            # the connected clients use the new replica within their rescan period
+            wait_for(lambda: sum(c.metrics("r", replica=2).finished.values()) > 0,
+                     timeout=20)
+            _write(cfg, short_dir, {"r": {**fast, "replicas": 1}})
+            assert c.reload().changed == ["r"]
+            wait_for(lambda: set(pids()) == {0}, timeout=30)
+            assert pids()[0] == first[0]
+            time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failed == []
+    finally:
+        sup.stop()
+
+
+def test_a_session_sticks_to_its_replica_and_moves_with_its_kv_when_that_one_dies(
+        fleet) -> None:
+    """Sessions spread over two replicas and each stays on its own; when its replica
+    is killed the next turn goes to the other one, which restores the session from
+    the disk tier both share; once the replica is back the session returns to it and
+    finds the turn the other one saved."""
+    from llamafleet.client.pool import rendezvous
+    sup = fleet({"r": {"backend": "fake", "replicas": 2, "cache_min_tokens": 8}})
+    # names whose rendezvous choice covers both replicas (the hash is deterministic)
+    names = [f"chat-{i}" for i in range(40)]
+    home = {n: rendezvous(n, [0, 1]) for n in names}
+    sessions = [next(n for n in names if home[n] == r) for r in (0, 1)]
+    sessions += [n for n in names if n not in sessions][:2]
+
+    with Client(sup.address, timeout=30) as c:
+        def served(r: int) -> int:
+            return sum(c.metrics("r", replica=r).finished.values())
+
+        def turn(session: str, history: str) -> tuple[Any, int]:
+            """One turn; the replica that served it (by its finished count)."""
+            before = [served(0), served(1)]
+            out = c.generate("r", history, max_tokens=8, temperature=0, session=session)
+            after = [served(0), served(1)]
+            moved = [after[r] - before[r] for r in (0, 1)]
+            assert sorted(moved) == [0, 1], moved
+            return out, moved.index(1)
+
+        history = {s: f"user: tell me about {s} in some detail please\nassistant:"
+                   for s in sessions}
+        for s in sessions:  # two turns each: the second on the first one's replica
+            first, r1 = turn(s, history[s])
+            history[s] += first.text + "\nuser: more?\nassistant:"
+            second, r2 = turn(s, history[s])
+            assert r1 == r2 == home[s], (s, r1, r2)
+            assert second.stats.cached_tokens > 0 and second.session_saved
+            history[s] += second.text + "\nuser: and then?\nassistant:"
+        assert {home[s] for s in sessions} == {0, 1}
+
+        s = sessions[0]  # lives on replica 0
+        persisted = len(c.tokenize("r", history[s])) - len(c.tokenize(
+            "r", "\nuser: and then?\nassistant:", add_special=False))
+        old, before = _state(c, "r", 0)["pid"], served(1)
+        kill(old)
+        moved = c.generate("r", history[s], max_tokens=8, temperature=0, session=s)
+        assert served(1) == before + 1  # its replica is gone: the other one took it
+        assert moved.stats.cached_tokens >= persisted - 1  # restored, not re-prefilled
+        assert moved.cache == "disk"  # replica 1 never had it in RAM
+        wait_for(lambda: _state(c, "r", 0)["state"] == "ready"
+                 and _state(c, "r", 0)["pid"] not in (None, old), timeout=30)
+        history[s] += moved.text + "\nuser: thanks\nassistant:"
+        time.sleep(0.6)  # the client's pool learns the restarted replica
+        back, where = turn(s, history[s])
+        assert where == 0  # home again, and it has the turn replica 1 saved
+        assert back.stats.cached_tokens > moved.stats.cached_tokens
+        assert back.cache == "disk"
+
+
 @pytest.mark.parametrize("replicas", [2, 1])
 def test_repeated_kills_with_resume_fail_nothing(fleet, replicas: int) -> None:
     """Streams and plain requests for ~6 s while a worker is SIGKILLed every 1.5 s."""

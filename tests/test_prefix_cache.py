@@ -196,6 +196,29 @@ def test_durable_insert_is_on_disk_when_it_returns(caches: Caches, tmp_path: Pat
     assert hit is not None and hit.blob == b"durable-blob" and hit.tier == "disk"
 
 
+def test_replicas_sharing_a_directory_see_each_others_latest_session_turn(
+        caches: Caches, tmp_path: Path) -> None:
+    """Two live caches on one directory (two replicas): a session saved by one is
+    found by the other, which started before it was saved, and back again."""
+    a, b = caches(disk_dir=tmp_path), caches(disk_dir=tmp_path)
+    a.insert(NS, toks(12), b"turn-1 on a", session="s", durable=True)
+    hit = got(b.session_entry(NS, "s"))
+    assert (hit.blob, hit.tier, hit.tokens) == (b"turn-1 on a", "disk", tuple(toks(12)))
+    b.insert(NS, toks(20), b"turn-2 on b", session="s", durable=True)
+    hit = got(a.session_entry(NS, "s"))  # a's own index still names turn 1
+    assert (hit.blob, hit.tokens) == (b"turn-2 on b", tuple(toks(20)))
+    assert a.session_entry(NS, "other") is None and a.session_entry("ns-2", "s") is None
+    # a pointer to a file that is gone (another replica's budget evicted it) is no hit
+    for f in kv_files(tmp_path):
+        f.unlink()
+    c = caches(disk_dir=tmp_path)
+    assert c.session_entry(NS, "s") is None
+    # a damaged pointer is ignored
+    for f in tmp_path.glob("*.session"):
+        f.write_text("not a key")
+    assert c.session_entry(NS, "s") is None
+
+
 def _two_on_disk(caches: Caches, d: Path) -> tuple[Path, Path]:
     c = caches(disk_dir=d)
     c.insert(NS, toks(30), b"long-entry-blob" * 10, durable=True)

@@ -80,6 +80,20 @@ def file_name(key: str) -> str:
     return key + SUFFIX
 
 
+#: suffix of a session pointer: the key of the session's latest entry, as text
+SESSION_SUFFIX = ".session"
+
+
+def session_file_name(namespace: str, session: str) -> str:
+    """The file naming the latest entry of ``session`` in ``namespace``."""
+    h = hashlib.sha256(b"llamafleet-session\0")
+    for part in (namespace, session):
+        raw = part.encode("utf-8")
+        h.update(len(raw).to_bytes(4, "big"))
+        h.update(raw)
+    return h.hexdigest() + SESSION_SUFFIX
+
+
 def encode(namespace: str, tb: bytes, session: str | None, created: float,
            blob: bytes) -> list[bytes]:
     """A cache file as parts to write in order (the blob itself is not copied)."""

@@ -7,6 +7,11 @@ only the headers; a file failing validation is counted, logged and removed.
 Least-recently-used files beyond the byte budget are evicted, except those the
 owner pins.
 
+Several workers may share a directory (the replicas of one model): each file a
+session's turn writes is followed by a small *session pointer* naming it, so a
+replica the session moves to finds the latest turn another one saved
+(:meth:`DiskStore.session_key`, :meth:`DiskStore.adopt`).
+
 The store shares its owner's lock: the owner's index and the store change
 together (a publish by the writer thread updates both under it), and the
 owner's callbacks (``is_pinned``, ``on_published``, ``on_lost``) run with it
@@ -187,6 +192,57 @@ class DiskStore:
             raise CorruptFile("file size does not match header")
         return hdr, st.st_size, st.st_mtime
 
+    # ------------------------------------------------------------------ sessions
+
+    def session_key(self, namespace: str, session: str) -> str | None:
+        """The key the session pointer names (whoever wrote it), or None."""
+        path = self.directory / cache_file.session_file_name(namespace, session)
+        try:
+            key = path.read_text("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else None
+
+    def adopt(self, key: str) -> DiskRecord | None:
+        """Index the file of ``key`` that another process published (None: absent or
+        not valid)."""
+        with self._lock:
+            rec = self._records.get(key)
+            if rec is not None:
+                return rec
+            path = self.directory / cache_file.file_name(key)
+            try:
+                hdr, size, mtime = self._read_header(path)
+                tb = cache_file.tok_bytes(hdr.tokens)
+                if cache_file.file_key(hdr.namespace, tb) != key:
+                    raise CorruptFile("file name does not match its header")
+            except CorruptFile as e:
+                self._corrupt(path, str(e))
+                return None
+            except OSError:
+                return None  # not there (any more)
+            rec = DiskRecord(key=key, namespace=hdr.namespace, tb=tb, session=hdr.session,
+                             created=hdr.created, path=path, size=size, gen=0, atime=mtime)
+            self._records[key] = rec
+            self._total += size
+            return rec
+
+    def _point(self, job: WriteJob) -> None:
+        """Make the session pointer of ``job`` name its (just published) file."""
+        assert job.session is not None
+        tmp = self.directory / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            tmp.write_text(job.key, "ascii")
+            os.replace(tmp, self.directory / cache_file.session_file_name(job.namespace,
+                                                                           job.session))
+        except OSError as err:  # the session still moves, from an older turn
+            self._error("session", f"cannot write a session pointer in {self.directory}: "
+                                   f"{err}")
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
     # ------------------------------------------------------------------ reads
 
     def read(self, key: str) -> tuple[bytes, int] | None:
@@ -307,6 +363,8 @@ class DiskStore:
                     key=job.key, namespace=job.namespace, tb=job.tb, session=job.session,
                     created=job.created, path=final, size=size, gen=job.gen, atime=atime)
                 self._total += size
+                if job.session is not None:
+                    self._point(job)
                 self._on_published(job)
                 self.enforce_budget()
         except BaseException:

@@ -199,9 +199,21 @@ class PrefixCache:
         disk.write(job)
 
     def session_entry(self, namespace: str, session: str) -> CacheHit | None:
-        """The latest entry of ``session`` in ``namespace`` (RAM, else disk), or None."""
+        """The latest entry of ``session`` in ``namespace`` (RAM, else disk), or None.
+
+        The disk tier's session pointer wins over this process's own index: another
+        worker sharing the directory (a replica) may have saved a later turn."""
         with self._lock:
             key = self._sessions.get((namespace, session))
+            if self._disk is not None and self.persistent:
+                shared = self._disk.session_key(namespace, session)
+                if shared is not None and shared != key:
+                    rec = self._disk.adopt(shared)
+                    if rec is not None and rec.namespace == namespace:
+                        if shared not in self._entries:
+                            self._add_entry(_Entry(rec.key, rec.namespace, rec.tb, session))
+                        self._set_session(namespace, session, shared)
+                        key = shared
             e = self._entries.get(key) if key is not None else None
             if e is None:
                 return None

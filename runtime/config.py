@@ -288,17 +288,8 @@ class Config:
 
     def check(self) -> None:
         """The checks across tables (ConfigError): every endpoint fits and is its own,
-        the eager models fit ``max_loaded_models``, and a paused generation is
-        cancelled (``stall_timeout_s``) before the progress watchdog would take its
-        worker for wedged (``progress_timeout``)."""
+        and the eager models fit ``max_loaded_models``."""
         self.check_endpoints()
-        watchdog = self.supervisor.progress_timeout
-        for m in self.models.values():
-            stall = float(m.worker.get("stall_timeout_s", 0.0))
-            if stall >= watchdog:
-                raise ConfigError(f"[models.{m.name}] stall_timeout_s ({stall:g}) must be "
-                                  f"below [supervisor] progress_timeout ({watchdog:g}): a "
-                                  "worker whose only work is paused would be restarted")
         eager = [m for m in self.models.values() if not m.on_demand]
         limit = self.supervisor.max_loaded_models
         if 0 < limit < len(eager):

@@ -57,12 +57,12 @@ def _end(path: Path) -> dict[str, Any] | None:
     return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
 
 
-def _pause_client(sup: Supervisor, tmp: Path, stop_s: float) -> tuple[dict[str, Any], float,
-                                                                      int, int]:
+def _pause_client(sup: Supervisor, tmp: Path, stop_s: float, meanwhile: bool = True,
+                  ) -> tuple[dict[str, Any], float, int, int]:
     """Start the streaming client, SIGSTOP it mid-stream for ``stop_s`` while this
-    process keeps generating, SIGCONT it. Returns its last line, seconds from SIGCONT
-    to that line, generations still running on the worker just before SIGCONT, and
-    the calls this process completed during the stop."""
+    process keeps generating (unless not ``meanwhile``), SIGCONT it. Returns its last
+    line, seconds from SIGCONT to that line, generations still running on the worker
+    just before SIGCONT, and the calls this process completed during the stop."""
     out = tmp / "child.out"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, sup.address, str(out), str(TOKENS)],
@@ -76,6 +76,9 @@ def _pause_client(sup: Supervisor, tmp: Path, stop_s: float) -> tuple[dict[str, 
             served = 0
             t_stop = time.monotonic()
             while time.monotonic() - t_stop < stop_s:
+                if not meanwhile:
+                    time.sleep(0.05)
+                    continue
                 r = c.generate("fast", f"meanwhile {served}", max_tokens=20, temperature=0)
                 assert len(r.tokens) == 20 or r.finish_reason != "length"
                 served += 1
@@ -120,3 +123,20 @@ def test_a_client_stalled_past_the_bound_gets_a_typed_error(fleet, tmp_path: Pat
     assert resume_s < 1.0, resume_s  # not after its whole 60 s timeout
     merge_figures({"slow_client": {"stalled_pause_s": 4.0, "stall_timeout_s": 1.0,
                                    "error_after_resume_s": round(resume_s, 3)}})
+
+
+def test_a_paused_stream_alone_is_not_taken_for_a_wedged_worker(fleet, tmp_path: Path) -> None:
+    """The only work is a stream whose client is stopped, for longer than
+    progress_timeout: the worker waits on its client, it is not wedged, and the
+    watchdog leaves it alone (its loop keeps turning, and the progress counter with
+    it; only a decode that never returns stops that). stall_timeout_s alone ends
+    such a wait."""
+    sup = fleet({"fast": FAST}, progress_timeout=1.0)
+    with Client(sup.address, timeout=60) as c:
+        solo = c.generate("fast", PROMPT, max_tokens=TOKENS, ignore_eos=True, temperature=0)
+    end, _, running, _ = _pause_client(sup, tmp_path, stop_s=3.0, meanwhile=False)
+    assert running == 1
+    assert end.get("error") is None, end
+    assert end["tokens"] == solo.tokens
+    worker = sup.status()[0]
+    assert worker["restarts"] == 0 and worker["state"] == "ready", worker

@@ -199,6 +199,9 @@ class SupervisorConfig:
     memory_budget_mb: int = 0
     #: requests that may wait for room to load their model (overloaded beyond)
     max_load_queue: int = 256
+    #: seconds after which a request tries a failed on-demand model again (before
+    #: then it gets worker_failed at once); eager models wait for `load` or a reload
+    failed_retry_s: float = 30.0
 
     def control_address(self) -> str:
         return self.address or default_address(self.runtime_dir)

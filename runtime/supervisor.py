@@ -178,6 +178,9 @@ class ModelSlot:
     rolling: list[int] = field(default_factory=list)
     #: loaded by hand (``load``): queued for room even with nobody waiting
     forced: bool = False
+    #: monotonic time it was marked failed (an on-demand model is retried after
+    #: ``failed_retry_s``)
+    failed_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -834,6 +837,7 @@ class Supervisor:
                       reason)
             slot = self.models.get(h.model.name)
             if slot is not None and all(x.state == "failed" for x in slot.handles):
+                slot.failed_at = now
                 self._answer_all(self.registry.fail(h.model.name, self._failed_error(h)))
         else:
             h.state = "restarting"
@@ -1095,7 +1099,11 @@ class Supervisor:
         self.registry.check(name)
         slot = self.models[name]
         now = time.monotonic()
-        if cmd == "load" and self.registry.failed(name):
+        if self.registry.failed(name) and (cmd == "load" or (
+                slot.config.on_demand and args["wait_ms"] > 0
+                and now - slot.failed_at >= self.sup.failed_retry_s)):
+            log.info("trying failed model %s again (%s)", name,
+                     "load" if cmd == "load" else f"failed {now - slot.failed_at:.0f}s ago")
             self._forgive(slot)
         if cmd == "load" and args["wait_ms"] == 0:  # start it; answer with what is ready
             if not slot.up:

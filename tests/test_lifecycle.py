@@ -625,3 +625,22 @@ def test_memory_budget_evicts_the_least_recently_used_until_the_load_fits(fleet)
         assert use("d") == {"c", "d"}  # 800: nothing evicted
         assert use("b") == {"b", "d"}  # 1200 would not fit: c is older than d
         assert all(w["rss_mb"] for w in c.status() if w["pid"])
+
+
+def test_a_failed_on_demand_model_is_tried_again_after_failed_retry_s(
+        fleet, tmp_path: Path) -> None:
+    weights = tmp_path / "weights.bin"  # the fake backend's load fails while absent
+    sup = fleet({"m": {"backend": "fake", "load": "on_demand", "path": str(weights)}},
+                failed_retry_s=1.5, max_restarts=1)
+    with Client(sup.address, timeout=30) as c:
+        with pytest.raises(WorkerFailed):
+            c.generate("m", "x", max_tokens=1)
+        weights.write_bytes(b"now it is here")
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailed):  # within failed_retry_s: at once, no load
+            c.generate("m", "x", max_tokens=1)
+        assert time.monotonic() - t0 < 1.0
+        assert _state(c, "m")["state"] == "failed"
+        time.sleep(1.6)
+        assert len(c.generate("m", "x", max_tokens=2, ignore_eos=True).tokens) == 2
+        assert _state(c, "m")["state"] == "ready"

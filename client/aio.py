@@ -14,9 +14,11 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -53,6 +55,11 @@ _RESENDABLE = frozenset({"generate", "ping", "info", "metrics", "tokenize", "det
                          "embed", "apply_chat_template"})
 #: commands that change one worker's state (refused on a replicated model)
 _PER_WORKER = frozenset({"load_adapter", "unload_adapter", "set_adapters"})
+#: the clock of every deadline (the asyncio loop's own clock on the standard loops; the
+#: sync client's calls on its callers' threads share it)
+_now = time.monotonic
+
+
 def sampling_from(kwargs: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Split sampling keyword arguments out; TypeError for unknown ones."""
     unknown = set(kwargs) - SAMPLING_KEYS
@@ -97,7 +104,7 @@ class AsyncStream:
             raise StopAsyncIteration
         client = self._client
         if self._call is None:
-            self._deadline = asyncio.get_running_loop().time() + client._timeout(self._timeout)
+            self._deadline = _now() + client._timeout(self._timeout)
             await self._submit(self._args)
         assert self._call is not None and self._deadline is not None
         while True:
@@ -181,6 +188,22 @@ class AsyncStream:
         return self.result
 
 
+class RequestIO(Protocol):
+    """How one request's frames travel: :meth:`AsyncClient._request` (timeouts, typed
+    errors, resending after a crash) is written once against this. The asyncio client
+    is its own IO (its sockets, on its loop); the sync client has one that sends and
+    waits on the calling thread (:class:`client.sync.ThreadIO`)."""
+
+    async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
+                    deadline: float, replica: int | None = None) -> Call: ...
+
+    async def _next(self, call: Call, deadline: float | None) -> dict[str, Any]: ...
+
+    async def _cancel_remote(self, call: Call) -> None: ...
+
+    def _forget(self, call: Call) -> None: ...
+
+
 class AsyncClient:
     """Talks to a fleet through its supervisor (asyncio).
 
@@ -219,6 +242,11 @@ class AsyncClient:
         self.connect_timeout = connect_timeout
         self.control_timeout = connect_timeout if control_timeout is None else control_timeout
         self._ctx = zmq.asyncio.Context()
+        #: the same context for plain sockets (the worker connections, read from loop
+        #: callbacks, and the sync client's per-thread sockets)
+        self._plain_ctx: zmq.Context[Any] = zmq.Context.shadow(self._ctx.underlying)
+        #: ``io``: the RequestIO of a call the sync client drives on this thread
+        self._inline = threading.local()
         self._ids = itertools.count(1)
         self._pools: dict[str, ModelPool] = {}
         self._control: zmq.asyncio.Socket | None = None
@@ -236,8 +264,9 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Close every socket. Calls in flight end with Cancelled."""
+    async def close(self, *, term: bool = True) -> None:
+        """Close every socket. Calls in flight end with Cancelled. (``term=False``:
+        leave the context to the caller, whose own sockets in it are still open.)"""
         if self._closed:
             return
         self._closed = True
@@ -245,10 +274,11 @@ class AsyncClient:
             pool.close(Cancelled("client closed"))
         self._end_control_calls(Cancelled("client closed"))
         self._close_control()
-        self._ctx.term()
+        if term:
+            self._ctx.term()
 
     # -- plumbing -------------------------------------------------------------------
-    def _secure(self, sock: zmq.asyncio.Socket, endpoint: str) -> None:
+    def _secure(self, sock: zmq.Socket[Any], endpoint: str) -> None:
         if self._curve is not None and endpoint.startswith("tcp://"):
             from llamafleet.runtime import security
             security.make_client(sock, *self._curve)
@@ -386,19 +416,18 @@ class AsyncClient:
         """The connection a request goes to (looking the model up when this client
         knows no live worker of it, or fewer than it has replicas)."""
         pool = self._pool(model)
-        loop = asyncio.get_running_loop()
         while True:
-            if pool.needs_lookup(loop.time()):
+            if pool.needs_lookup(_now()):
                 async with pool.lock:
-                    if pool.needs_lookup(loop.time()):
+                    if pool.needs_lookup(_now()):
                         await self._refresh(pool, deadline)
-            elif pool.stale(loop.time()):
-                pool.rescan = asyncio.ensure_future(self._rescan(pool))
+            else:
+                self._rescan_soon(pool)
             conn = pool.pick(pool.live(), session, seq)
             if conn is not None:
                 return conn
             # an explicit sequence's replica is (re)starting: wait for it
-            if loop.time() >= deadline:
+            if _now() >= deadline:
                 raise Unavailable(f"replica {(seq or 0) % pool.replicas} of model "
                                   f"{model} is not ready", data={"model": model})
             pool.refreshed = float("-inf")
@@ -407,9 +436,8 @@ class AsyncClient:
     async def _refresh(self, pool: ModelPool, deadline: float) -> None:
         """Ask the supervisor for the model's ready workers (waiting for one only when
         this client has none)."""
-        loop = asyncio.get_running_loop()
         have = bool(pool.live())
-        left = deadline - loop.time()
+        left = deadline - _now()
         wait = 0.0 if have else max(0.0, min(left, self.connect_timeout))
         try:
             found = protocol.ModelEndpoints.from_wire(await self._supervisor("lookup", {
@@ -418,60 +446,87 @@ class AsyncClient:
         except (Unavailable, RequestTimeout):
             if not have:
                 raise
-            pool.refreshed = loop.time()  # serve on what is live; ask again later
+            pool.refreshed = _now()  # serve on what is live; ask again later
             return
-        pool.update(found, loop.time(), lambda e: WorkerConn(self, e))
+        pool.update(found, _now(), lambda e: WorkerConn(self, e))
+
+    def _rescan_soon(self, pool: ModelPool) -> None:
+        """Start the background lookup of a pool that is due for one (on the loop)."""
+        if pool.stale(_now()) and not self._closed:
+            pool.rescan = asyncio.ensure_future(self._rescan(pool))
 
     async def _rescan(self, pool: ModelPool) -> None:
         """Look a model in use up again, in the background: replicas a reload added are
         used, and a supervisor that is slow to answer delays no request."""
-        loop = asyncio.get_running_loop()
-        pool.refreshed = loop.time()
+        pool.refreshed = _now()
         try:
             async with pool.lock:
-                await self._refresh(pool, loop.time() + self.connect_timeout)
+                await self._refresh(pool, _now() + self.connect_timeout)
         except LlamafleetError as exc:  # the next request's own lookup reports it
             log.debug("background lookup of %s: %s", pool.model, exc)
 
-    async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
-                    deadline: float, replica: int | None = None) -> Call:
+    def _check_send(self, cmd: str, args: dict[str, Any]) -> None:
+        """What every request passes before a connection is chosen."""
         protocol.validate_args(cmd, args)
         if self._closed:
             raise Cancelled("client closed")
+
+    @staticmethod
+    def _route(args: dict[str, Any], replica: int | None) -> tuple[str | None, int | None]:
+        """The session and explicit sequence that choose a request's replica (an
+        explicit sequence lives on replica ``seq % replicas``; so does ``replica``)."""
         seq = args.get("seq")
-        # an explicit sequence lives on replica seq % replicas; so does replica N itself
-        conn = await self._conn(model, deadline, args.get("session"),
-                                seq if isinstance(seq, int) else replica)
+        return args.get("session"), seq if isinstance(seq, int) else replica
+
+    def _check_replica(self, conn: WorkerConn, replica: int | None) -> None:
+        """Refuse a ``replica`` the model does not have (routing took it modulo)."""
         if replica is not None and conn.replica != replica:
-            raise BadRequest(f"model {model} has no replica {replica} (it has "
-                             f"{self._pool(model).replicas})", data={"model": model})
+            raise BadRequest(f"model {conn.model} has no replica {replica} (it has "
+                             f"{self._pool(conn.model).replicas})", data={"model": conn.model})
+
+    def _frame(self, call: Call, cmd: str, args: dict[str, Any]) -> bytes:
+        """Encode a request and register its call on the connection (refused first:
+        a per-worker command on a replicated model; BadRequest from the encoder)."""
+        model = call.conn.model
         if cmd in _PER_WORKER and self._pool(model).replicas > 1:
             raise NotSupported(f"{cmd} changes one worker's state, and model {model} has "
                                f"{self._pool(model).replicas} replicas: configure adapters "
                                "in the model's table instead")
+        frame = protocol.request(call.id, cmd, args)
+        call.conn.calls[call.id] = call
+        return frame
+
+    async def _send(self, model: str, cmd: str, args: dict[str, Any], *,
+                    deadline: float, replica: int | None = None) -> Call:
+        self._check_send(cmd, args)
+        conn = await self._conn(model, deadline, *self._route(args, replica))
+        self._check_replica(conn, replica)
         call = Call(next(self._ids), conn)
-        frame = protocol.request(call.id, cmd, args)  # BadRequest before it is registered
-        conn.calls[call.id] = call
-        await conn.sock.send(frame)
+        await conn.send(self._frame(call, cmd, args))
         return call
 
     async def _next(self, call: Call, deadline: float | None) -> dict[str, Any]:
         """The next reply of a call; raises its error."""
-        if not call.queue.empty():  # streaming fast path: no timer, no extra task
-            msg = call.queue.get_nowait()
-        else:
-            try:
-                # a timer on this task, not wait_for's extra task per reply
-                async with asyncio.timeout_at(deadline):
-                    msg = await call.queue.get()
-            except TimeoutError:
-                raise RequestTimeout(f"no reply from model {call.conn.model} in time") from None
+        msg = await call.get(deadline)
+        if msg is None:
+            raise self._timed_out(call)
         if isinstance(msg, LlamafleetError):
             raise msg
+        return self._reply(call, msg, self._pool(call.conn.model).retire)
+
+    @staticmethod
+    def _timed_out(call: Call) -> RequestTimeout:
+        return RequestTimeout(f"no reply from model {call.conn.model} in time")
+
+    @staticmethod
+    def _reply(call: Call, msg: dict[str, Any],
+               retire: Callable[[WorkerConn], None]) -> dict[str, Any]:
+        """A reply as the caller gets it: an error reply raised as its typed error
+        (a worker that answers ShuttingDown is leaving: ``retire`` its connection)."""
         if msg["kind"] == "error":
             err = error_from_wire(msg["error"])
-            if isinstance(err, ShuttingDown):  # this worker is leaving: no new requests
-                self._pool(call.conn.model).retire(call.conn)
+            if isinstance(err, ShuttingDown):
+                retire(call.conn)
             raise err
         return msg
 
@@ -487,7 +542,7 @@ class AsyncClient:
         not run) or it died under a command that gives the same answer anywhere."""
         if not (self.resume if resume is None else resume) or self._closed:
             return False
-        if resumed >= self.max_resumes or asyncio.get_running_loop().time() >= deadline:
+        if resumed >= self.max_resumes or _now() >= deadline:
             return False
         if args.get("seq") is not None:
             return False
@@ -499,13 +554,17 @@ class AsyncClient:
     @staticmethod
     def _deadline_ms(deadline: float) -> int:
         """The ``deadline_ms`` of a request sent now: the worker drops it past then."""
-        return max(1, int((deadline - asyncio.get_running_loop().time()) * 1000) + 50)
+        return max(1, int((deadline - _now()) * 1000) + 50)
 
     async def _cancel_remote(self, call: Call) -> None:
+        self._cancel_on(call.conn.sock, call)
+
+    def _cancel_on(self, sock: zmq.Socket[Any], call: Call) -> None:
+        """Ask the worker to stop ``call`` (best effort: never blocks)."""
         if call.conn.dead is None:
             try:
-                await call.conn.sock.send(protocol.request(
-                    next(self._ids), "cancel", {"target": call.id}), zmq.NOBLOCK)
+                sock.send(protocol.request(next(self._ids), "cancel", {"target": call.id}),
+                          zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
 
@@ -519,15 +578,16 @@ class AsyncClient:
                        replica: int | None = None) -> tuple[Any, int]:
         """One worker command (to ``replica`` when given), sent again (see
         :meth:`_may_resume`) when its worker dies or leaves first; returns the result
-        and how often it was resent."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout(timeout)
+        and how often it was resent. The frames go through this client's sockets, or
+        through the RequestIO the sync client set for the calling thread."""
+        io: RequestIO = getattr(self._inline, "io", None) or self
+        deadline = _now() + self._timeout(timeout)
         resumed = 0
         while True:
-            call = await self._send(model, cmd, args, deadline=deadline, replica=replica)
+            call = await io._send(model, cmd, args, deadline=deadline, replica=replica)
             try:
                 while True:
-                    msg = await self._next(call, deadline)
+                    msg = await io._next(call, deadline)
                     if msg["kind"] == "result":
                         return msg["result"], resumed
             except (WorkerCrashed, ShuttingDown) as exc:
@@ -537,11 +597,11 @@ class AsyncClient:
                 log.info("sending %s to model %s again: %s", cmd, model, exc.message)
                 if "deadline_ms" in args:
                     args = {**args, "deadline_ms": self._deadline_ms(deadline)}
-            except (RequestTimeout, asyncio.CancelledError):
-                await self._cancel_remote(call)
+            except (RequestTimeout, asyncio.CancelledError, KeyboardInterrupt):
+                await io._cancel_remote(call)
                 raise
             finally:
-                self._forget(call)
+                io._forget(call)
 
     async def _command(self, model: str, cmd: str, reply: type[R], args: dict[str, Any] | None,
                        timeout: float | None, resume: bool | None = None,

@@ -15,12 +15,12 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from llamafleet.runtime import protocol
@@ -55,19 +55,74 @@ def auth_error(address: str) -> AuthenticationFailed:
         "authorized, or an endpoint that needs CURVE keys this client did not use")
 
 
-class Call:
-    """A request in flight: replies are queued until the caller reads them."""
+#: ``EVENTS`` and ``POLLIN`` as plain ints (pyzmq's enums cost a microsecond an operation)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+Reply = dict[str, Any] | LlamafleetError
 
-    __slots__ = ("id", "queue", "conn")
+
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """A message is waiting on ``sock`` (this also re-arms its descriptor)."""
+    return bool(cast(int, sock.get(EVENTS)) & POLLIN)
+
+
+class Call:
+    """A request in flight: replies are queued until the caller reads them (one
+    future at a time, and one timer per wait: no queue, no extra task)."""
+
+    __slots__ = ("id", "conn", "inbox", "waiter")
 
     def __init__(self, req_id: int, conn: WorkerConn) -> None:
         self.id = req_id
         self.conn = conn
-        self.queue: asyncio.Queue[dict[str, Any] | LlamafleetError] = asyncio.Queue()
+        self.inbox: deque[Reply] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Reply) -> None:
+        """Hand the caller a reply, or the error that ends the call (on the loop)."""
+        self.inbox.append(item)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def get(self, deadline: float | None) -> Reply | None:
+        """The next reply; None once ``deadline`` (``time.monotonic()``) has passed."""
+        if self.inbox:
+            return self.inbox.popleft()
+        loop = asyncio.get_running_loop()
+        w = self.waiter = loop.create_future()
+        timer = None if deadline is None else loop.call_later(
+            deadline - time.monotonic(), _expire, w)
+        try:
+            await w
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self.inbox.popleft() if self.inbox else None
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def configure(sock: zmq.Socket[Any], client: AsyncClient, endpoint: str) -> None:
+    """The options of every client socket to a worker (CURVE where the client has keys)."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    client._secure(sock, endpoint)
 
 
 class WorkerConn:
-    """The connection to one generation of one replica of a model's worker."""
+    """The connection to one generation of one replica of a model's worker.
+
+    Its socket and its monitor are plain (blocking-API) sockets read from loop
+    callbacks (``add_reader`` on their file descriptors): a reply costs one wake-up
+    of the loop and no future of pyzmq's own. A ZeroMQ descriptor only signals that
+    the socket's state changed, so every read drains until ``EVENTS`` shows nothing,
+    and every send checks for input the send itself may have absorbed."""
 
     def __init__(self, client: AsyncClient, found: protocol.WorkerEndpoint) -> None:
         self.model = found.model
@@ -78,23 +133,38 @@ class WorkerConn:
         self.dead: LlamafleetError | None = None
         #: no new requests (the worker is leaving); closed once its calls end
         self.retired = False
-        self.sock = client._ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        client._secure(self.sock, self.endpoint)
-        self.monitor = self.sock.get_monitor_socket()
+        self.sock: zmq.Socket[Any] = client._plain_ctx.socket(zmq.DEALER)
+        configure(self.sock, client, self.endpoint)
+        self.monitor: zmq.Socket[Any] = self.sock.get_monitor_socket()
         self.sock.connect(self.endpoint)
         self.connected = False
         # a failed handshake means "refused" only where CURVE is in play; on ipc:// it
         # is a peer that died (or froze) mid-handshake
         self.secured = client._curve is not None and self.endpoint.startswith("tcp://")
-        self.tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
+        self._loop = asyncio.get_running_loop()
+        self._fds = (self.sock.getsockopt(zmq.FD), self.monitor.getsockopt(zmq.FD))
+        self._closed = False
+        self._loop.add_reader(self._fds[0], self._drain)
+        self._loop.add_reader(self._fds[1], self._watch)
+        # the descriptor is signalled only once the mailbox has been read: read it now
+        self._watch()
+        self._drain()
 
-    async def _read(self) -> None:
+    async def send(self, frame: bytes) -> None:
+        """Queue one request frame (waiting only while the socket is at its
+        high-water mark)."""
+        while True:
+            try:
+                self.sock.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                await asyncio.sleep(0.001)
+        self._drain()  # a reply the send took the descriptor's signal for
+
+    def _drain(self) -> None:
         try:
-            while True:
-                frames = await self.sock.recv_multipart()
+            while not self._closed and readable(self.sock):
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
                 try:
                     msg = protocol.unpack(frames[-1])
                 except ProtocolError as exc:
@@ -102,27 +172,25 @@ class WorkerConn:
                     continue
                 call = self.calls.get(msg.get("id"))  # type: ignore[arg-type]
                 if call is not None:
-                    call.queue.put_nowait(msg)
-        except (asyncio.CancelledError, zmq.ZMQError):
+                    call.put(msg)
+        except zmq.ZMQError:
             pass
 
-    async def _watch(self) -> None:
+    def _watch(self) -> None:
         try:
-            while True:
-                evt = parse_monitor_message(await self.monitor.recv_multipart())
+            while not self._closed and readable(self.monitor):
+                evt = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
                 if evt["event"] == zmq.EVENT_CONNECTED:
                     self.connected = True
                 elif evt["event"] in _AUTH_EVENTS and (
                         self.secured or evt["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH):
                     self.fail(auth_error(self.endpoint))
-                    return
                 elif evt["event"] in _DEAD_EVENTS | _AUTH_EVENTS:
                     self.fail(WorkerCrashed(
                         f"worker of model {self.model} went away (generation {self.generation})",
                         data={"model": self.model, "generation": self.generation,
                               "replica": self.replica}))
-                    return
-        except (asyncio.CancelledError, zmq.ZMQError):
+        except zmq.ZMQError:
             pass
 
     def fail(self, err: LlamafleetError) -> None:
@@ -130,12 +198,16 @@ class WorkerConn:
         if self.dead is None:
             self.dead = err
         for call in list(self.calls.values()):
-            call.queue.put_nowait(err)
+            call.put(err)
         self.close()
 
     def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
+        """Close both sockets (on the loop's thread)."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in self._fds:
+            self._loop.remove_reader(fd)
         try:
             self.sock.disable_monitor()
         except zmq.ZMQError:

@@ -91,8 +91,16 @@ _NESTED: dict[tuple[type, str], type[Message]] = {}
 
 
 def _wire_fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
-    """The fields of a Message dataclass (or instance)."""
-    return dataclasses.fields(cls)
+    """The fields of a Message dataclass (or instance), computed once per class (every
+    reply is encoded and decoded through them)."""
+    t = cls if isinstance(cls, type) else type(cls)
+    found = _FIELDS.get(t)
+    if found is None:
+        found = _FIELDS[t] = dataclasses.fields(t)
+    return found
+
+
+_FIELDS: dict[type, tuple[dataclasses.Field[Any], ...]] = {}
 
 
 def _nested(cls: type[M]) -> type[M]:

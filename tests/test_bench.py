@@ -41,6 +41,8 @@ def test_top_level(doc: dict) -> None:
     m = doc["machine"]
     assert m["cpu"] and _positive(m["cores"]) and m["python"].count(".") == 2
     assert doc["llama_server"] is None  # --quick skips it
+    assert doc["goals"]["c8_vs_llama_server"]["met"] is None
+    assert doc["goals"]["c8_vs_llama_server"]["spread"] is None
 
 
 def test_single_stream(doc: dict) -> None:
@@ -48,6 +50,12 @@ def test_single_stream(doc: dict) -> None:
     for key in ("tokens_per_s", "inprocess_tokens_per_s", "ratio", "client_tokens_per_s"):
         assert _positive(ss[key]), (key, ss[key])
     assert 0 < ss["ratio"] < 10
+    # interleaved rounds (ours, in-process, ...): the median of the per-round ratios
+    assert ss["rounds"] >= 3
+    assert len(ss["samples"]["worker"]) == len(ss["samples"]["inprocess"]) == ss["rounds"]
+    per_round = sorted(w / i for w, i in zip(ss["samples"]["worker"], ss["samples"]["inprocess"]))
+    assert ss["ratio"] == pytest.approx(per_round[len(per_round) // 2])
+    assert ss["ratio_spread"] == pytest.approx([per_round[0], per_round[-1]])
     assert "llama_bench_tokens_per_s" in ss
     assert ss["llama_bench_tokens_per_s"] is None or _positive(ss["llama_bench_tokens_per_s"])
     # greedy through the worker and greedy in-process agree token for token
@@ -71,14 +79,39 @@ def test_concurrency(doc: dict) -> None:
         assert ceiling == bb["scaling_8"] and _positive(ceiling)
 
 
-def test_rtt_kv_recovery(doc: dict) -> None:
-    rtt = doc["rtt_us"]
-    for key in ("ipc_p50", "ipc_p99", "tcp_p50", "tcp_p99"):
+def _check_rtt(rtt: dict) -> None:
+    for key in ("ipc_p50", "ipc_p99", "tcp_p50", "tcp_p99", "bare_p50", "bare_p99",
+                "sync_p50", "sync_p99", "async_vs_bare", "sync_vs_bare"):
         assert _positive(rtt[key]), key
     assert rtt["ipc_p50"] <= rtt["ipc_p99"] and rtt["tcp_p50"] <= rtt["tcp_p99"]
+    assert rtt["bare_p50"] <= rtt["bare_p99"] and rtt["sync_p50"] <= rtt["sync_p99"]
+    assert rtt["rounds"] >= 3
+    tcp = rtt["tcp"]
+    assert tcp["bare_endpoint"].startswith("tcp://127.0.0.1:")
+    assert tcp["async_p50"] == rtt["tcp_p50"] and _positive(tcp["sync_p50"])
+    for d in (rtt, tcp):
+        for side in ("async", "sync"):
+            lo, hi = d[f"{side}_vs_bare_spread"]
+            assert lo <= d[f"{side}_vs_bare"] <= hi
+        # our ping is the bare round trip plus work: never faster than it by much
+        assert d["sync_vs_bare"] > 0.5 and d["async_vs_bare"] > 0.5
+
+
+def test_rtt_kv_recovery(doc: dict) -> None:
+    _check_rtt(doc["rtt_us"])
     kv = doc["kv"]
     for key in ("restore_ms", "reprefill_ms", "speedup", "pack_mb_s", "unpack_mb_s",
                 "blob_bytes"):
         assert _positive(kv[key]), key
     assert kv["restored_continues_alike"] is True
     assert _positive(doc["recovery_s"]) and doc["recovery_s"] < 60
+
+
+def test_rtt_only() -> None:
+    proc = subprocess.run([sys.executable, "-m", "llamafleet", "bench", "--quick", "--tiny",
+                           "--rtt-only", "--json"], cwd="/", capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert "single_stream" not in doc and "kv" not in doc
+    _check_rtt(doc["rtt_us"])

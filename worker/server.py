@@ -53,6 +53,9 @@ WATCH_INTERVAL = 0.05
 ACTIVITY_BEAT = 0.05
 #: the main loop's longest wait when no work is queued (milliseconds)
 IDLE_WAIT_MS = 1000
+#: ``EVENTS`` and ``POLLIN`` as plain ints (pyzmq's enums cost a microsecond an operation)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 #: how often replies queued for a client that is not reading are offered again (ms)
 OUTBOX_RETRY_MS = 20
 #: replies one client may leave unread before it counts as stalled at once (bytes);
@@ -401,9 +404,7 @@ class Worker:
         self.sock = sock
         self._set_state("ready")
         log.info("worker %s ready on %s", self.spec.model, self.endpoint)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        items = [(sock, _POLLIN), (self._wake_r, _POLLIN)]
         sched = self.scheduler
         assert sched is not None
         while True:
@@ -420,19 +421,18 @@ class Worker:
             wait = 0 if sched.active else 50 if sched.busy else IDLE_WAIT_MS
             if self._outbox:
                 wait = min(wait, OUTBOX_RETRY_MS)
-            events = dict(poller.poll(wait))
-            if self._wake_r in events:
-                try:
-                    os.read(self._wake_r, 4096)
-                except OSError:
-                    pass
-            if sock in events:
-                for _ in range(MAX_MESSAGES_PER_TURN):
+            for ready, _ in zmq.zmq_poll(items, wait):
+                if ready is sock:
+                    # EVENTS, not recv until zmq.Again: no exception per wake-up
+                    for _ in range(MAX_MESSAGES_PER_TURN):
+                        if not sock.get(_EVENTS) & _POLLIN:
+                            break
+                        self._on_message(sock.recv_multipart(zmq.NOBLOCK))
+                else:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_message(frames)
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
             if self._outbox:
                 self._flush_outboxes()  # before the tick: a client caught up resumes
             if sched.busy:

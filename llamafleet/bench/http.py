@@ -111,7 +111,7 @@ def phase_http(sup: Any, model: str, prompt: str, q: dict[str, Any],
 
 
 #: rounds of (ours, llama-server) for the 8-client comparison, interleaved
-C8_ROUNDS = 3
+C8_ROUNDS = peers.ROUNDS
 
 
 def _c8(http: httpx.Client, url: str, model: str, q: dict[str, Any],

@@ -23,6 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: interleaved rounds (ours, peer, ours, peer, ...) of every ours-vs-peer comparison
+ROUNDS = 3
+
 
 def peers_dir() -> Path:
     env = os.environ.get("LLAMAFLEET_PEERS_DIR")

@@ -11,7 +11,6 @@ Progress goes to stderr; the result (a table, or one JSON document with
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -22,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from llamafleet.bench import peers
+from llamafleet.bench import peers, rtt
 from llamafleet.bench.http import phase_http
-from llamafleet.client import AsyncClient, Client
+from llamafleet.client import Client
 from llamafleet.runtime.config import Config, SupervisorConfig, default_model_path
 from llamafleet.runtime.errors import LlamafleetError
 from llamafleet.runtime.supervisor import Supervisor
@@ -204,6 +204,19 @@ def _median(xs: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def ratios(ours: list[float | None], peer: list[float | None]
+           ) -> tuple[float | None, list[float] | None]:
+    """The median of the per-round ratios ours / peer, and their [min, max]."""
+    rs = [o / t for o, t in zip(ours, peer) if o and t]
+    return (statistics.median(rs), [min(rs), max(rs)]) if rs else (None, None)
+
+
+def c8_prompt(i: int, r: int, n_clients: int = 8) -> str:
+    """Client ``i``'s prompt of request ``r`` (ours and the peer get the same ones)."""
+    topic = TOPICS[(i + r * n_clients) % len(TOPICS)]
+    return f"Request {r} from client {i}. Write a short story about {topic}."
+
+
 # ---------------------------------------------------------------------- phases
 def phase_single(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, Any]
                  ) -> dict[str, Any]:
@@ -226,11 +239,16 @@ def phase_single(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, A
     tps = _median([o["worker_tokens_per_s"] for o in ours])
     ctps = _median([o["client_tokens_per_s"] for o in ours])
     itps = _median([i["tokens_per_s"] for i in inproc])
+    ratio, spread = ratios([o["worker_tokens_per_s"] for o in ours],
+                           [i["tokens_per_s"] for i in inproc])
+    client_ratio, client_spread = ratios([o["client_tokens_per_s"] for o in ours],
+                                         [i["tokens_per_s"] for i in inproc])
     out: dict[str, Any] = {
         "tokens": n, "rounds": rounds, "prompt": PROMPT,
         "tokens_per_s": tps, "client_tokens_per_s": ctps, "inprocess_tokens_per_s": itps,
-        "ratio": tps / itps if tps and itps else None,
-        "client_ratio": ctps / itps if ctps and itps else None,
+        # the median of the per-round ratios (each round: ours, then the peer)
+        "ratio": ratio, "ratio_spread": spread,
+        "client_ratio": client_ratio, "client_ratio_spread": client_spread,
         "samples": {"worker": [o["worker_tokens_per_s"] for o in ours],
                     "client": [o["client_tokens_per_s"] for o in ours],
                     "inprocess": [i["tokens_per_s"] for i in inproc]},
@@ -265,13 +283,16 @@ def phase_concurrency(sup: Any, q: dict[str, Any]) -> list[dict[str, Any]]:
             progress(f"concurrency: {n_clients} client(s) x {q['requests_per_client']} "
                      f"request(s) x {q['conc_tokens']} tokens")
 
-            def one(i: int, r: int, n_clients: int = n_clients) -> dict[str, Any]:
-                topic = TOPICS[(i + r * n_clients) % len(TOPICS)]
-                prompt = f"Request {r} from client {i}. Write a short story about {topic}."
-                return stream_once(shared, prompt, q["conc_tokens"])
-
-            rows.append(peers.concurrent_run(one, n_clients, q["requests_per_client"]))
+            rows.append(peers.concurrent_run(_ours(shared, q, n_clients), n_clients,
+                                             q["requests_per_client"]))
     return rows
+
+
+def _ours(shared: Client, q: dict[str, Any], n_clients: int
+          ) -> Callable[[int, int], dict[str, Any]]:
+    def one(i: int, r: int) -> dict[str, Any]:
+        return stream_once(shared, c8_prompt(i, r, n_clients), q["conc_tokens"])
+    return one
 
 
 def phase_llama_batched_bench(model: Path, threads: int, n_ctx: int, q: dict[str, Any]
@@ -290,64 +311,68 @@ def phase_llama_batched_bench(model: Path, threads: int, n_ctx: int, q: dict[str
         return {"error": str(exc)}
 
 
-def phase_llama_server(model: Path, threads: int, n_ctx: int, q: dict[str, Any]
+def phase_llama_server(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, Any]
                        ) -> dict[str, Any] | None:
+    """8 streaming clients against our fleet and ``llama-server -np 8``, interleaved
+    (ours, peer, ours, peer: C8_ROUNDS rounds each, the same prompts); the figure is the
+    median of the per-round ratios, with their spread."""
     binary = peers.find_llama_server()
     if binary is None:
         progress("llama-server: not found (bash llamafleet/bench/build_peers.sh); skipped")
         return None
     progress(f"llama-server -np 8: starting ({binary})")
-    with peers.LlamaServer(binary, str(model), threads, 8, n_ctx) as srv:
+    with peers.LlamaServer(binary, str(model), threads, 8, n_ctx) as srv, \
+            Client(sup.address) as shared:
         srv.stream(PROMPT, 16)  # warm-up
+        shared.ping(MODEL)
 
-        def one(i: int, r: int) -> dict[str, Any]:
-            topic = TOPICS[(i + r * 8) % len(TOPICS)]
-            prompt = f"Request {r} from client {i}. Write a short story about {topic}."
-            return srv.stream(prompt, q["conc_tokens"])
+        def theirs(i: int, r: int) -> dict[str, Any]:
+            return srv.stream(c8_prompt(i, r), q["conc_tokens"])
 
-        progress(f"llama-server -np 8: 8 clients x {q['requests_per_client']} request(s) "
-                 f"x {q['conc_tokens']} tokens")
-        row = peers.concurrent_run(one, 8, q["requests_per_client"])
-        row["command"] = " ".join(srv.cmd)
-        return row
-
-
-def _pings(address: str, n: int) -> list[float]:
-
-    async def go() -> list[float]:
-        async with AsyncClient(address) as c:
-            for _ in range(50):
-                await c.ping(MODEL)
-            out = []
-            for _ in range(n):
-                t = time.perf_counter()
-                await c.ping(MODEL)
-                out.append((time.perf_counter() - t) * 1e6)
-            return out
-
-    return asyncio.run(go())
+        ours_rows, peer_rows = [], []
+        for r in range(C8_ROUNDS):
+            progress(f"8 clients, round {r + 1}/{C8_ROUNDS}: llamafleet, then llama-server "
+                     f"({q['requests_per_client']} request(s) x {q['conc_tokens']} tokens)")
+            ours_rows.append(peers.concurrent_run(_ours(shared, q, 8), 8,
+                                                  q["requests_per_client"]))
+            peer_rows.append(peers.concurrent_run(theirs, 8, q["requests_per_client"]))
+    ratio, spread = ratios([x["tokens_per_s"] for x in ours_rows],
+                           [x["tokens_per_s"] for x in peer_rows])
+    row = sorted(peer_rows, key=lambda x: x["tokens_per_s"])[len(peer_rows) // 2]
+    return {**row, "rounds": [x["tokens_per_s"] for x in peer_rows],
+            "ours_rounds": [x["tokens_per_s"] for x in ours_rows],
+            "ratio": ratio, "ratio_spread": spread, "command": " ".join(srv.cmd)}
 
 
-def _pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
-    return s[k]
+C8_ROUNDS = peers.ROUNDS
 
 
 def phase_rtt(sup: Any, stack: ExitStack, model: Path, threads: int, n_ctx: int,
               q: dict[str, Any]) -> dict[str, Any]:
-    n = q["pings"]
-    progress(f"rtt: {n} pings over ipc://")
-    ipc = _pings(sup.address, n)
+    """Ping through both clients beside a bare pyzmq ping-pong, interleaved, over ipc://
+    (this fleet) and tcp:// (a second fleet)."""
+    n, rounds = q["pings"], q["rtt_rounds"]
+    d = Path(tempfile.mkdtemp(prefix="lfb-rtt-", dir="/tmp"))
+    stack.callback(shutil.rmtree, d, True)
+    progress(f"rtt: {n} pings per side over ipc://, {rounds} interleaved rounds")
+    ipc = rtt.compare(sup.address, MODEL, f"ipc://{d}/bare.sock", n, rounds, progress, "ipc")
     progress("rtt: starting a second fleet with transport tcp")
     with ExitStack() as tcp_stack:
         tcp = start_fleet(tcp_stack, model, threads, n_ctx, 1, transport="tcp")
         endpoint = next(w["endpoint"] for w in tcp.status() if w["model"] == MODEL)
-        progress(f"rtt: {n} pings over tcp:// ({endpoint})")
-        tcpl = _pings(tcp.address, n)
-    return {"ipc_p50": _pct(ipc, 50), "ipc_p99": _pct(ipc, 99), "tcp_p50": _pct(tcpl, 50),
-            "tcp_p99": _pct(tcpl, 99), "pings": n, "tcp_endpoint": endpoint,
-            "client": "AsyncClient.ping, one at a time, one asyncio loop"}
+        progress(f"rtt: {n} pings per side over tcp:// ({endpoint})")
+        tcpr = rtt.compare(tcp.address, MODEL, "tcp://127.0.0.1:*", n, rounds, progress, "tcp")
+    return {"ipc_p50": ipc["async_p50"], "ipc_p99": ipc["async_p99"],
+            "tcp_p50": tcpr["async_p50"], "tcp_p99": tcpr["async_p99"],
+            "pings": n, "rounds": rounds, "tcp_endpoint": endpoint,
+            **{k: ipc[k] for k in ("bare_p50", "bare_p99", "sync_p50", "sync_p99",
+                                   "async_vs_bare", "async_vs_bare_spread", "sync_vs_bare",
+                                   "sync_vs_bare_spread")},
+            "tcp": tcpr,
+            "client": "AsyncClient.ping (one at a time, one asyncio loop) and Client.ping "
+                      "(one thread); bare: a blocking pyzmq DEALER to a ROUTER echo process "
+                      "(llamafleet/bench/rtt.py), same transport; rounds interleaved, "
+                      "ratios = median over rounds of client p50 / bare p50"}
 
 
 def phase_kv(sup: Any, q: dict[str, Any], prefix: int = 1000) -> dict[str, Any]:
@@ -430,13 +455,13 @@ def phase_recovery(sup: Any, q: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- driver
 def settings(quick: bool, tokens: int | None) -> dict[str, Any]:
     if quick:
-        q = {"quick": True, "tokens": 32, "rounds": 1, "conc_tokens": 16,
-             "requests_per_client": 1, "pings": 300, "kv_reps": 2, "recovery_reps": 1,
-             "llama_bench_reps": 1}
+        q = {"quick": True, "tokens": 32, "rounds": 3, "conc_tokens": 16,
+             "requests_per_client": 1, "pings": 300, "rtt_rounds": 3, "kv_reps": 2,
+             "recovery_reps": 1, "llama_bench_reps": 1}
     else:
         q = {"quick": False, "tokens": 128, "rounds": 3, "conc_tokens": 128,
-             "requests_per_client": 2, "pings": 2000, "kv_reps": 5, "recovery_reps": 3,
-             "llama_bench_reps": 5}
+             "requests_per_client": 2, "pings": 2000, "rtt_rounds": 5, "kv_reps": 5,
+             "recovery_reps": 3, "llama_bench_reps": 5}
     if tokens:
         q["tokens"] = q["conc_tokens"] = tokens
     return q
@@ -462,7 +487,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"{args.threads} threads, n_ctx {args.n_ctx}")
         progress("starting the fleet (n_seq_max 8, ipc)")
         t = time.perf_counter()
-        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8, http=True)
+        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8, http=not args.rtt_only)
         progress(f"fleet ready in {time.perf_counter() - t:.2f} s")
 
         result: dict[str, Any] = {
@@ -472,6 +497,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "machine": machine_info(), "fleet_settings": effective_settings(),
             "settings": q,
         }
+        if args.rtt_only:
+            result["rtt_us"] = phase_rtt(sup, stack, model, args.threads, args.n_ctx, q)
+            progress("stopping the fleet")
+            return result
         result["single_stream"] = phase_single(sup, model, args.threads, args.n_ctx, q)
         result["concurrency"] = phase_concurrency(sup, q)
         result["llama_batched_bench"] = phase_llama_batched_bench(model, args.threads,
@@ -481,7 +510,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["llama_server"] = None
         else:
             try:
-                result["llama_server"] = phase_llama_server(model, args.threads, args.n_ctx, q)
+                result["llama_server"] = phase_llama_server(sup, model, args.threads,
+                                                            args.n_ctx, q)
             except Exception as exc:
                 progress(f"llama-server failed: {exc}")
                 result["llama_server"] = None
@@ -519,8 +549,10 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
         "c8_vs_single": g(c8 / c1 if c8 and c1 else None, ">= 2x",
                           None if not (c8 and c1) else c8 >= 2 * c1,
                           ceiling=bb.get("scaling_8")),
-        "c8_vs_llama_server": g(c8 / ls["tokens_per_s"] if ls and c8 else None, ">= 1x",
-                                None if not (ls and c8) else c8 >= ls["tokens_per_s"]),
+        # the median of interleaved rounds (ours, llama-server, ...), with their spread
+        "c8_vs_llama_server": g(ls["ratio"] if ls else None, ">= 1x",
+                                None if not (ls and ls["ratio"]) else ls["ratio"] >= 1.0,
+                                spread=ls["ratio_spread"] if ls else None),
         "kv_restore_speedup": g(r["kv"]["speedup"], ">= 10x", r["kv"]["speedup"] >= 10),
         "http_single_stream_vs_client": g(
             r["http"]["single_stream"]["ratio"], ">= 0.97",
@@ -587,8 +619,7 @@ def table(r: dict[str, Any]) -> str:
         f"  8 clients / llama-server  {_f(gl['c8_vs_llama_server']['value'], '{:.2f}')}x  "
         f"({mark('c8_vs_llama_server')})",
         "",
-        f"ping RTT   ipc p50 {rtt['ipc_p50']:.0f} us  p99 {rtt['ipc_p99']:.0f} us   "
-        f"tcp p50 {rtt['tcp_p50']:.0f} us  p99 {rtt['tcp_p99']:.0f} us",
+        *rtt_lines(rtt),
         "",
         "HTTP gateway (OpenAI API, SSE)",
         f"  single stream HTTP / Python client  "
@@ -613,6 +644,19 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rtt_lines(rtt: dict[str, Any]) -> list[str]:
+    """The ping figures: both clients beside the bare pyzmq round trip."""
+    out = []
+    ipc = {**rtt, "async_p50": rtt["ipc_p50"], "async_p99": rtt["ipc_p99"]}
+    for name, d in (("ipc", ipc), ("tcp", rtt["tcp"])):
+        out.append(
+            f"ping RTT {name}  bare p50 {d['bare_p50']:.0f} / p99 {d['bare_p99']:.0f} us   "
+            f"AsyncClient {d['async_p50']:.0f} / {d['async_p99']:.0f} us "
+            f"({d['async_vs_bare']:.2f}x bare)   Client {d['sync_p50']:.0f} / "
+            f"{d['sync_p99']:.0f} us ({d['sync_vs_bare']:.2f}x bare)")
+    return out
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="python -m llamafleet.bench", description=__doc__
                                           .split("\n")[0])
@@ -627,6 +671,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--quick", action="store_true",
                    help="about a minute: fewer tokens and repetitions, no llama-server")
     p.add_argument("--no-llama-server", dest="no_llama_server", action="store_true")
+    p.add_argument("--rtt-only", dest="rtt_only", action="store_true",
+                   help="only the ping round trips (both clients beside a bare pyzmq "
+                        "ping-pong); a few seconds with --quick")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -642,6 +689,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.rtt_only:
+        print("\n".join(rtt_lines(result["rtt_us"])))
     else:
         print(table(result))
     return 0

@@ -41,6 +41,7 @@ from llamafleet.runtime.errors import (
 )
 from llamafleet.runtime.protocol import Completion, Decoded
 from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.runtime.tcp import keepalive
 
 log = logging.getLogger("llamafleet.client")
 R = TypeVar("R", bound=protocol.Message)
@@ -279,6 +280,8 @@ class AsyncClient:
 
     # -- plumbing -------------------------------------------------------------------
     def _secure(self, sock: zmq.Socket[Any], endpoint: str) -> None:
+        """CURVE (where this client has keys) and heartbeats on a tcp:// socket."""
+        keepalive(sock, endpoint)
         if self._curve is not None and endpoint.startswith("tcp://"):
             from llamafleet.runtime import security
             security.make_client(sock, *self._curve)

@@ -74,6 +74,7 @@ from llamafleet.runtime.process import (
 )
 from llamafleet.runtime.registry import Answer, Registry, Waiter
 from llamafleet.runtime.services import ServiceHandle, service_spec, services_of, spawn_service
+from llamafleet.runtime.tcp import keepalive
 
 __all__ = ["Supervisor", "WorkerHandle", "describe_exit", "LOG_TAIL_LINES",
            "LOG_DRAIN_TIMEOUT", "MAX_SLEEP", "EXIT_POLL"]
@@ -455,6 +456,7 @@ class Supervisor:
         for s in (self._control, self._events):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_CONTROL_MESSAGE_BYTES)
+        keepalive(self._control, self.address)
         self._control.bind(self.address)
         self._events.bind(self.events_address)
         for addr in (self.address, self.events_address):

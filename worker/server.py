@@ -34,6 +34,7 @@ from llamafleet.runtime.errors import (
 from llamafleet.runtime.process import set_parent_death_signal
 from llamafleet.runtime.protocol import WorkerSpec
 from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.runtime.tcp import keepalive
 from llamafleet.worker.generation import Generation
 from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
 from llamafleet.worker.prefix_cache import PrefixCache
@@ -384,6 +385,7 @@ class Worker:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         endpoint = self.spec.endpoint
         self._auth = None
+        keepalive(sock, endpoint)
         if endpoint.startswith("tcp://"):
             if self.spec.curve_server_key and self.spec.curve_authorized_clients:
                 from llamafleet.runtime import security

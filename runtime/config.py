@@ -55,6 +55,15 @@ LIFECYCLE_OPTIONS: dict[str, Field] = {
     "memory_mb": Field((int, float), min=0,
                        doc="memory one worker needs, for memory_budget_mb (default: what "
                            "the last load measured, else the model file's size)"),
+    # where a worker may run, in a cluster (llamafleet ray): what one replica takes
+    "num_cpus": Field((int, float), default=1, min=0,
+                      doc="CPUs one worker takes on its node (llamafleet ray placement)"),
+    "resources": Field((dict,), doc="custom Ray resources one worker needs on its node, "
+                                    "e.g. {big = 1} (llamafleet ray placement)",
+                       check=lambda v: None if all(
+                           isinstance(k, str) and isinstance(n, (int, float))
+                           and not isinstance(n, bool) and n >= 0 for k, n in v.items())
+                       else "must map resource names to non-negative numbers"),
 }
 #: keep_alive of an on-demand model that sets none (Ollama's default, 5 minutes)
 DEFAULT_ON_DEMAND_KEEP_ALIVE = 300.0
@@ -235,6 +244,9 @@ class ModelConfig:
     replicas: int = 1
     #: declared memory of one worker (MiB), or None
     memory_mb: float | None = None
+    #: what one worker takes on a cluster node (``llamafleet ray`` places by these)
+    num_cpus: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def on_demand(self) -> bool:
@@ -244,7 +256,8 @@ class ModelConfig:
         return {"name": self.name, "backend": self.backend, "options": dict(self.options),
                 "worker": dict(self.worker), "sampling": dict(self.sampling),
                 "load": self.load, "keep_alive": self.keep_alive, "replicas": self.replicas,
-                "memory_mb": self.memory_mb}
+                "memory_mb": self.memory_mb, "num_cpus": self.num_cpus,
+                "resources": dict(self.resources)}
 
     def worker_identity(self) -> dict[str, Any]:
         """What a running worker was started with: a change means a restart (the
@@ -389,7 +402,8 @@ def _model_from(name: str, table: dict[str, Any], sup: SupervisorConfig,
                        sampling=dict(sampling), load=life["load"],
                        keep_alive=float(life["keep_alive"]), replicas=int(life["replicas"]),
                        memory_mb=None if life["memory_mb"] is None
-                       else float(life["memory_mb"]))
+                       else float(life["memory_mb"]), num_cpus=float(life["num_cpus"]),
+                       resources={k: float(v) for k, v in (life["resources"] or {}).items()})
 
 
 def _http_from(raw: Any, sup: SupervisorConfig, base_dir: Path | None) -> dict[str, Any]:

@@ -394,6 +394,8 @@ class WorkerStatus(Message):
     keep_alive: float = -1.0
     #: seconds since the model last had a request (None: it never had one)
     idle_s: float | None = None
+    #: the cluster node it runs on (``llamafleet ray``; None on a single host)
+    node: str | None = None
 
 
 @dataclass

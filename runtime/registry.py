@@ -10,6 +10,11 @@ generation is not in ``exclude`` (the caller saw those die). Waiters time out wi
 Unavailable, get WorkerFailed when the model fails, NotFound when it is removed
 and ShuttingDown on shutdown.
 
+In a cluster (``llamafleet ray``) the registry also knows what the other nodes
+serve (:meth:`~Registry.set_cluster`, a :class:`ClusterView`): a lookup is answered
+with every ready worker of the model in the cluster, numbered by cluster replica,
+so any one supervisor's address reaches every model.
+
 No sockets here: the methods that end waits return ``(waiter, answer)`` pairs and
 the caller delivers them; each waiter carries an opaque ``token`` saying to whom.
 """
@@ -17,7 +22,7 @@ the caller delivers them; each waiter carries an opaque ``token`` saying to whom
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llamafleet.runtime.errors import LlamafleetError, NotFound, ShuttingDown, Unavailable, WorkerFailed
@@ -40,6 +45,20 @@ class Waiter:
     exclude: frozenset[int] = frozenset()
 
 
+@dataclass(frozen=True)
+class ClusterView:
+    """What the rest of a cluster serves, as one supervisor's lookups see it."""
+
+    #: model -> the ready workers of the other nodes (numbered by cluster replica)
+    remote: dict[str, list[WorkerEndpoint]] = field(default_factory=dict)
+    #: model -> its replicas in the whole cluster
+    replicas: dict[str, int] = field(default_factory=dict)
+    #: (model, this node's replica) -> that worker's cluster replica
+    replica_ids: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: the other nodes' ``status`` rows (each with its ``node``)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
 def _default_describe(model: str) -> dict[str, Any]:
     return {"model": model, "state": "unavailable"}
 
@@ -58,17 +77,33 @@ class Registry:
         self._failed: dict[str, WorkerFailed] = {}
         self._waiters: list[Waiter] = []
         self._describe = describe or _default_describe
+        self.cluster = ClusterView()
         self.closed = False
 
     # -- queries ---------------------------------------------------------------------
     @property
     def models(self) -> list[str]:
-        """The names this registry knows, in configuration order."""
-        return list(self._endpoints)
+        """The names this registry knows, in configuration order (then those only
+        other nodes of the cluster serve)."""
+        return [*self._endpoints, *(m for m in self.cluster.remote if m not in self._endpoints)]
+
+    def local(self, model: str) -> bool:
+        """Whether this supervisor's own configuration has ``model``."""
+        return model in self._endpoints
 
     def endpoints(self, model: str) -> list[WorkerEndpoint]:
-        """The endpoints serving ``model`` now (a copy; empty when none is ready)."""
-        return list(self._endpoints.get(model, ()))
+        """The endpoints serving ``model`` now, here and (in a cluster) on the other
+        nodes (a copy; empty when none is ready)."""
+        ids = self.cluster.replica_ids
+        here = [e if (model, e.replica) not in ids else
+                replace(e, replica=ids[(model, e.replica)])
+                for e in self._endpoints.get(model, ())]
+        return here + list(self.cluster.remote.get(model, ()))
+
+    def replicas(self, model: str) -> int:
+        """The replicas ``model`` has (in the whole cluster, when in one)."""
+        n = self.cluster.replicas.get(model)
+        return n if n is not None else self._replicas(model)
 
     def waiters(self, model: str | None = None) -> list[Waiter]:
         """The waiting lookups (of ``model``, or all)."""
@@ -103,15 +138,15 @@ class Registry:
         """Raise ShuttingDown or NotFound unless ``model`` can be looked up."""
         if self.closed:
             raise ShuttingDown("the supervisor is shutting down")
-        if model not in self._endpoints:
-            raise NotFound(f"no model named {model!r} (known: {', '.join(self._endpoints)})",
+        if model not in self._endpoints and model not in self.cluster.remote:
+            raise NotFound(f"no model named {model!r} (known: {', '.join(self.models)})",
                            data={"model": model})
 
     def _answer(self, model: str, exclude: frozenset[int]) -> ModelEndpoints | None:
-        eps = [e for e in self._endpoints[model] if e.generation not in exclude]
+        eps = [e for e in self.endpoints(model) if e.generation not in exclude]
         if not eps:
             return None
-        return ModelEndpoints(model=model, endpoints=eps, replicas=self._replicas(model))
+        return ModelEndpoints(model=model, endpoints=eps, replicas=self.replicas(model))
 
     def _unavailable(self, model: str) -> Unavailable:
         data = self._describe(model)
@@ -132,6 +167,19 @@ class Registry:
                              and endpoint.generation not in w.exclude,
                              lambda w: self._answer(model, w.exclude)
                              or self._unavailable(model))
+
+    def set_cluster(self, view: ClusterView) -> list[tuple[Waiter, Answer]]:
+        """Take what the other nodes serve now; returns the waiters it answers (a
+        model that is only remote and is gone from the view gets NotFound)."""
+        self.cluster = view
+        gone = {w.model for w in self._waiters
+                if w.model not in self._endpoints and w.model not in view.remote}
+        answered = self._release(
+            lambda w: w.model in gone or self._answer(w.model, w.exclude) is not None,
+            lambda w: NotFound(f"no model named {w.model!r} in the cluster any more",
+                               data={"model": w.model}) if w.model in gone
+            else self._answer(w.model, w.exclude) or self._unavailable(w.model))
+        return answered
 
     def unregister(self, model: str, generation: int | None = None) -> None:
         """Withdraw ``model``'s endpoints of ``generation`` (default: all of them)."""

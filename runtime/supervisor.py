@@ -72,7 +72,7 @@ from llamafleet.runtime.process import (
     describe_exit,
     new_log_tail,
 )
-from llamafleet.runtime.registry import Answer, Registry, Waiter
+from llamafleet.runtime.registry import Answer, ClusterView, Registry, Waiter
 from llamafleet.runtime.services import ServiceHandle, service_spec, services_of, spawn_service
 from llamafleet.runtime.tcp import keepalive
 
@@ -214,8 +214,13 @@ class Supervisor:
     """Starts, watches and restarts the workers of a :class:`Config`; loads and
     unloads models on demand; applies a changed configuration (:meth:`reload`)."""
 
-    def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, config: Config, config_path: str | os.PathLike[str] | None = None, *,
+                 node: str | None = None, generation_base: int = 0) -> None:
+        """``node`` names the cluster node this supervisor runs on (shown in
+        ``status``); ``generation_base`` offsets its worker generations, which must
+        be unique across the supervisors of a cluster (clients key on them)."""
         self.config = config
+        self.node = node
         #: the file ``reload`` re-reads (default: the one the config was loaded from)
         self.config_path = Path(config_path) if config_path is not None else config.source
         self.sup = config.supervisor
@@ -227,7 +232,7 @@ class Supervisor:
         self._retiring: list[WorkerHandle] = []
         #: the live worker of each generation (generations are unique in a supervisor)
         self._by_generation: dict[int, WorkerHandle] = {}
-        self._generations = itertools.count(1)
+        self._generations = itertools.count(generation_base + 1)
         #: models waiting for room to load, in the order they were asked for
         self._load_queue: deque[str] = deque()
         self.policy = RestartPolicy.from_config(self.sup)
@@ -244,6 +249,8 @@ class Supervisor:
         self._changed = threading.Condition()
         #: reloads asked for from other threads (and SIGHUP), applied by the loop
         self._reloads: deque[_ReloadRequest] = deque()
+        #: the latest view of the rest of the cluster, applied by the loop
+        self._views: deque[ClusterView] = deque(maxlen=1)
         # stop() and signal handlers wake the loop through this pipe; the loop
         # otherwise sleeps until its next deadline (no periodic polling)
         self._wake_r, self._wake_w = os.pipe()
@@ -320,6 +327,20 @@ class Supervisor:
         assert isinstance(req.outcome, protocol.Reloaded)
         return req.outcome
 
+    def set_cluster(self, view: ClusterView) -> None:
+        """What the other nodes of a cluster serve (from any thread): lookups answer
+        with their workers too, and ``status`` lists them."""
+        self._views.append(view)
+        self._wake()
+
+    def local_endpoints(self) -> list[protocol.WorkerEndpoint]:
+        """The ready workers of this supervisor (from any thread: a snapshot)."""
+        return [protocol.WorkerEndpoint(
+            model=h.model.name, endpoint=h.endpoint, generation=h.generation, pid=h.pid,
+            backend=h.model.backend, replica=h.replica)
+            for h in list(self.handles())
+            if h.state == "ready" and h.endpoint and h not in self._retiring]
+
     def _request_stop(self) -> None:
         self._stop.set()
         self._wake()
@@ -344,8 +365,9 @@ class Supervisor:
         out = []
         for slot in list(self.models.values()):
             idle = round(now - slot.last_used, 3) if slot.used else None
-            out += [h.snapshot(slot.keep_alive, idle) for h in slot.handles]
-        return out
+            out += [{**h.snapshot(slot.keep_alive, idle), "node": self.node}
+                    for h in slot.handles]
+        return out + [dict(w) for w in self.registry.cluster.workers]
 
     def _children(self) -> list[WorkerHandle | ServiceHandle]:
         """Every supervised child: the workers, then the services."""
@@ -409,7 +431,8 @@ class Supervisor:
         """The error data of a model that is not ready: its first replica's state."""
         slot = self.models.get(name)
         if slot is None:
-            return {"model": name, "state": "removed"}
+            remote = name in self.registry.cluster.remote
+            return {"model": name, "state": "on another node" if remote else "removed"}
         h = next((h for h in slot.handles if h.state != "unloaded"), slot.handles[0])
         data = h.state_data()
         if name in self._load_queue:
@@ -641,7 +664,7 @@ class Supervisor:
         for slot in self.models.values():
             if slot.keep_alive >= 0 and slot.resident:
                 due = min(due, slot.last_used + max(slot.keep_alive, self._grace()))
-        if self._reloads:
+        if self._reloads or self._views:
             due = now
         for s in self.services.values():
             if s.proc is not None and s.proc.drain_deadline is not None:
@@ -665,6 +688,8 @@ class Supervisor:
         now = time.monotonic()
         while self._reloads:
             self._apply_reload(self._reloads.popleft())
+        while self._views:
+            self._answer_all(self.registry.set_cluster(self._views.popleft()))
         for h in self.handles():
             if h.proc is not None:
                 rc = h.proc.poll()
@@ -1078,6 +1103,10 @@ class Supervisor:
                 self._lookup(peer, req_id, cmd, args)
             elif cmd == "unload":
                 self.registry.check(args["model"])
+                if not self.registry.local(args["model"]):
+                    raise BadRequest(f"model {args['model']} runs on another node: unload "
+                                     "it through that node's supervisor",
+                                     data={"model": args["model"]})
                 self._unload(self.models[args["model"]], "unloaded by request")
                 self._reply(peer, protocol.result(req_id, protocol.Empty()))
             elif cmd == "reload":
@@ -1099,8 +1128,14 @@ class Supervisor:
         """``lookup`` (loading an unloaded model when the caller waits) and ``load``."""
         name = args["model"]
         self.registry.check(name)
-        slot = self.models[name]
         now = time.monotonic()
+        if not self.registry.local(name):  # another node serves it: nothing to load here
+            found = self.registry.lookup(name, (peer, req_id), now, args["wait_ms"],
+                                         args.get("exclude", ()))
+            if found is not None:
+                self._reply(peer, protocol.result(req_id, found))
+            return
+        slot = self.models[name]
         if self.registry.failed(name) and (cmd == "load" or (
                 slot.config.on_demand and args["wait_ms"] > 0
                 and now - slot.failed_at >= self.sup.failed_retry_s)):
@@ -1113,7 +1148,7 @@ class Supervisor:
                 self._request_load(slot)
             self._reply(peer, protocol.result(req_id, protocol.ModelEndpoints(
                 model=name, endpoints=self.registry.endpoints(name),
-                replicas=slot.config.replicas)))
+                replicas=self.registry.replicas(name))))
             return
         # the wait is registered first: the load queue serves models somebody waits for
         found = self.registry.lookup(name, (peer, req_id), now, args["wait_ms"],

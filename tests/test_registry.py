@@ -177,3 +177,34 @@ def test_default_describe(reg: Registry) -> None:
     with pytest.raises(Unavailable) as info:
         plain.lookup("m", None, now=0.0)
     assert info.value.data["model"] == "m"
+
+
+def test_a_cluster_view_answers_for_every_node_with_cluster_replica_numbers() -> None:
+    from llamafleet.runtime.registry import ClusterView
+    r = Registry(["a"], replicas=lambda m: 1)
+    r.register(ep("a", generation=1, endpoint="tcp://h1:1"))  # this node's replica 0
+    remote_a = WorkerEndpoint(model="a", endpoint="tcp://h2:5", generation=7001, replica=0)
+    # a waiter for a model only another node serves (known once the view has it)
+    with pytest.raises(NotFound):
+        r.lookup("b", "t0", now=0.0, wait_ms=1000)
+    answered = r.set_cluster(ClusterView(
+        remote={"a": [remote_a], "b": []}, replicas={"a": 2, "b": 1},
+        replica_ids={("a", 0): 1}, workers=[{"model": "b", "node": "n2"}]))
+    assert answered == []
+    assert r.lookup("b", "t1", now=0.0, wait_ms=1000) is None  # waits for b
+    found = r.lookup("a", "t2", now=0.0)
+    assert found is not None and found.replicas == 2
+    assert sorted((e.endpoint, e.replica) for e in found.endpoints) == \
+        [("tcp://h1:1", 1), ("tcp://h2:5", 0)]
+    # excluded generations are left out across nodes too
+    found = r.lookup("a", "t3", now=0.0, exclude=[7001])
+    assert found is not None and [e.endpoint for e in found.endpoints] == ["tcp://h1:1"]
+    b = WorkerEndpoint(model="b", endpoint="tcp://h2:6", generation=7002)
+    answered = r.set_cluster(ClusterView(remote={"a": [remote_a], "b": [b]},
+                                         replicas={"a": 2, "b": 1}))
+    assert [(w.token, getattr(a, "model", None)) for w, a in answered] == [("t1", "b")]
+    assert r.models == ["a", "b"] and r.local("a") and not r.local("b")
+    # b leaves the cluster: its waiters learn it is gone
+    assert r.lookup("b", "t4", now=0.0, exclude=[7002], wait_ms=1000) is None
+    answered = r.set_cluster(ClusterView(remote={"a": [remote_a]}, replicas={"a": 2}))
+    assert len(answered) == 1 and isinstance(answered[0][1], NotFound)

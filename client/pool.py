@@ -276,12 +276,17 @@ class ModelPool:
             self.conns.pop(conn.generation, None)
 
     def needs_lookup(self, now: float) -> bool:
-        live = self.live()
-        return not live or (len(live) < self.replicas and now - self.refreshed >= REFRESH_S)
+        """No live worker: a request must wait for a lookup."""
+        return not self.live()
 
     def stale(self, now: float) -> bool:
-        """Due for a lookup in the background (requests need not wait for it)."""
-        return now - self.refreshed >= RESCAN_S and (self.rescan is None or self.rescan.done())
+        """Due for a lookup in the background, which no request waits for (a
+        supervisor that is slow or gone delays nothing): every ``REFRESH_S`` while
+        fewer replicas are live than the model has, else every ``RESCAN_S``."""
+        if self.rescan is not None and not self.rescan.done():
+            return False
+        period = REFRESH_S if len(self.live()) < self.replicas else RESCAN_S
+        return now - self.refreshed >= period
 
     def update(self, found: protocol.ModelEndpoints, now: float,
                connect: Callable[[protocol.WorkerEndpoint], WorkerConn]) -> None:

@@ -248,9 +248,10 @@ class ThreadIO:
         except BaseException:
             st.lock.release()
             raise
+        if conn.dead is not None:  # it died before the call was registered: the call
+            call.error = conn.dead  # ends as if it died after (resume decides)
+            return call
         try:
-            if conn.dead is not None:  # it died before the call was registered
-                raise error_from_wire(conn.dead.to_wire())
             self._sock(st, conn).send(frame)
         except BaseException:
             conn.calls.pop(call.id, None)
@@ -261,6 +262,8 @@ class ThreadIO:
     async def _next(self, call: Call, deadline: float | None) -> dict[str, Any]:
         assert isinstance(call, ThreadCall)
         st = call.state
+        if call.error is not None:
+            raise error_from_wire(call.error.to_wire())
         sock = st.socks[call.conn]
         items: list[tuple[Any, int]] = [(sock, POLLIN), (st.wake, POLLIN)]
         while True:

@@ -73,14 +73,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(workers, indent=2))
         return 0
-    print(f"{'MODEL':<16} {'STATE':<11} {'PID':>7} {'RSS MB':>7} {'RESTARTS':>8}  LAST EXIT")
+    nodes = any(w.get("node") for w in workers["workers"])  # a cluster (llamafleet ray)
+    node_col = f"{'NODE':<13}" if nodes else ""
+    print(f"{'MODEL':<16} {node_col}{'STATE':<11} {'PID':>7} {'RSS MB':>7} {'RESTARTS':>8}  "
+          "LAST EXIT")
     for w in workers["workers"]:
         state = w["state"]
         if state in ("starting", "restarting") and w.get("load_progress"):
             state = f"{state} {w['load_progress'] * 100:.0f}%"
         name = w["model"] if not w.get("replica") else f"{w['model']}#{w['replica']}"
         rss = f"{w['rss_mb']:.0f}" if w.get("rss_mb") else "-"
-        print(f"{name:<16} {state:<11} {w['pid'] or '-':>7} {rss:>7} {w['restarts']:>8}  "
+        node = f"{w.get('node') or '-':<13}" if nodes else ""
+        print(f"{name:<16} {node}{state:<11} {w['pid'] or '-':>7} {rss:>7} {w['restarts']:>8}  "
               f"{w['last_exit'] or '-'}")
     for s in workers["services"]:
         print(f"{'[' + s['name'] + ']':<16} {s['state']:<11} {s['pid'] or '-':>7} {'-':>7} "
@@ -218,6 +222,28 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ray(args: argparse.Namespace) -> int:
+    try:
+        import llamafleet.ray as lfray
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise SetupError(f"llamafleet ray needs Ray: pip install \"llamafleet[ray]\" ({exc})") \
+            from None
+    if args.ray_command == "up":
+        for address in lfray.up(args.config, address=args.ray_address, timeout=args.timeout):
+            print(address)
+    elif args.ray_command == "down":
+        if not lfray.down(address=args.ray_address):
+            print("no llamafleet fleet on this Ray cluster", file=sys.stderr)
+            return 1
+    else:
+        st = lfray.state(address=args.ray_address)
+        if st is None:
+            print("no llamafleet fleet on this Ray cluster", file=sys.stderr)
+            return 1
+        print(json.dumps(st, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args=args)
 
@@ -297,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(as SIGHUP to serve)")
     with_address(p)
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("ray", help="run the fleet across a Ray cluster (docs/scale-out.md)")
+    ray_sub = p.add_subparsers(dest="ray_command", required=True)
+    for name, doc in (("up", "place the fleet on the cluster and print the supervisors' "
+                             "addresses"),
+                      ("down", "stop the fleet's supervisors and workers"),
+                      ("status", "the placement and the supervisors' addresses (JSON)")):
+        rp = ray_sub.add_parser(name, help=doc)
+        rp.add_argument("--address", dest="ray_address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else the local one)")
+        if name == "up":
+            rp.add_argument("--config", required=True, help="fleet TOML file")
+            rp.add_argument("--timeout", type=float, default=120.0,
+                            help="seconds to wait for every supervisor")
+    p.set_defaults(func=cmd_ray)
 
     p = sub.add_parser("stop", help="shut a running fleet down gracefully")
     with_address(p)

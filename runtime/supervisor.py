@@ -360,12 +360,15 @@ class Supervisor:
 
     def status(self) -> list[dict[str, Any]]:
         """One dict per worker (each replica of each model): model, replica, pid,
-        state, restarts, last_exit, rss_mb, keep_alive, ..."""
+        state, restarts, last_exit, rss_mb, keep_alive, node, ...; in a cluster, the
+        other nodes' workers too, and replicas numbered across the cluster."""
         now = time.monotonic()
+        ids = self.registry.cluster.replica_ids  # in a cluster: its replica numbers
         out = []
         for slot in list(self.models.values()):
             idle = round(now - slot.last_used, 3) if slot.used else None
-            out += [{**h.snapshot(slot.keep_alive, idle), "node": self.node}
+            out += [{**h.snapshot(slot.keep_alive, idle), "node": self.node,
+                     "replica": ids.get((slot.name, h.replica), h.replica)}
                     for h in slot.handles]
         return out + [dict(w) for w in self.registry.cluster.workers]
 

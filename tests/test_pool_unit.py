@@ -61,11 +61,15 @@ def test_retired_and_dead_connections_are_not_picked_and_excluded() -> None:
 def test_a_pool_in_use_is_due_for_a_background_lookup_every_rescan_period() -> None:
     import asyncio
 
-    from llamafleet.client.pool import RESCAN_S
+    from llamafleet.client.pool import REFRESH_S, RESCAN_S
     pool = ModelPool("m")
+    pool.conns = {10: FakeConn(0, 10)}  # type: ignore[dict-item]
     pool.refreshed = 100.0
+    assert not pool.needs_lookup(100.0)  # a live worker: no request waits
     assert not pool.stale(100.0 + RESCAN_S - 0.01)
     assert pool.stale(100.0 + RESCAN_S)
+    pool.replicas = 2  # one of two live: looked for sooner, still in the background
+    assert pool.stale(100.0 + REFRESH_S) and not pool.needs_lookup(100.0 + REFRESH_S)
     loop = asyncio.new_event_loop()
     try:
         pool.rescan = loop.create_future()  # one running: no second one

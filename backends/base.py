@@ -171,6 +171,15 @@ class Backend(ABC):
         """Serialize the sequence's KV state (with a self-describing header)."""
         raise NotSupported(f"{self.name} backend does not support kv_pack")
 
+    def kv_snapshot(self, seq: int) -> Callable[[], bytes]:
+        """Read the sequence's KV now and return a function that builds the blob
+        :meth:`kv_pack` would return. Only this call touches the context (the
+        sequence may be cleared or reused as soon as it returns); the returned
+        function touches nothing of the backend, so the scheduler runs it on
+        another thread while decoding goes on. The default packs here."""
+        blob = self.kv_pack(seq)
+        return lambda: blob
+
     def kv_unpack(self, seq: int, data: bytes) -> int:
         """Replace the sequence's state with a blob from ``kv_pack``; returns its
         token count. A blob from another model or an incompatible context raises

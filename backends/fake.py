@@ -34,7 +34,7 @@ import signal
 import struct
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,13 +346,21 @@ class FakeBackend(Backend):
 
     # -- KV state --------------------------------------------------------------------
     def kv_pack(self, seq: int) -> bytes:
-        s = self._seq(seq)
-        if self.pack_delay:
-            time.sleep(self.pack_delay)
-        payload = struct.pack(f"<{len(s.tokens)}I", *s.tokens)
-        crc = zlib.crc32(payload, zlib.crc32(self.model_id))
-        return _KV_HEADER.pack(_KV_MAGIC, _KV_VERSION, 0, self.model_id, self.n_ctx,
-                               len(s.tokens), crc) + payload
+        return self.kv_snapshot(seq)()
+
+    def kv_snapshot(self, seq: int) -> Callable[[], bytes]:
+        tokens = list(self._seq(seq).tokens)
+        delay, model_id, n_ctx = self.pack_delay, self.model_id, self.n_ctx
+
+        def build() -> bytes:  # pack_delay is spent here: off the scheduler's loop
+            if delay:
+                time.sleep(delay)
+            payload = struct.pack(f"<{len(tokens)}I", *tokens)
+            crc = zlib.crc32(payload, zlib.crc32(model_id))
+            return _KV_HEADER.pack(_KV_MAGIC, _KV_VERSION, 0, model_id, n_ctx, len(tokens),
+                                   crc) + payload
+
+        return build
 
     def kv_unpack(self, seq: int, data: bytes) -> int:
         s = self._seq(seq)

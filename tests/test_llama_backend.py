@@ -390,6 +390,19 @@ def test_kv_roundtrip_continuation(be: LlamaBackend) -> None:
     assert head + rest == ref
 
 
+def test_kv_snapshot_reads_now_and_builds_later(be: LlamaBackend) -> None:
+    prompt = be.tokenize("a snapshot is read at once and sealed elsewhere")
+    be.evaluate([(0, prompt)])
+    packed = be.kv_pack(0)
+    build = be.kv_snapshot(0)
+    # the sequence is cleared and its cells reused before the blob is built
+    be.seq_clear(0)
+    be.evaluate([(0, be.tokenize("something else entirely, and longer than before"))])
+    blob = build()
+    assert blob == packed
+    assert be.kv_unpack(1, blob) == len(prompt) and be.seq_tokens(1) == prompt
+
+
 def test_kv_blob_refusals(be: LlamaBackend, files: dict[str, pathlib.Path]) -> None:
     be.evaluate([(0, be.tokenize("hello world"))])
     blob = be.kv_pack(0)

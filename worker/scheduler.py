@@ -12,14 +12,23 @@ With a prefix cache, a request whose prompt shares a long enough prefix with
 a cached KV state restores it (``kv_unpack`` + ``seq_truncate``) and prefills
 only the rest; finished requests publish their state back to the cache, and
 named sessions publish durably so a restarted worker resumes them.
+
+Publishing is split so that it never stalls the other streams: the tick reads
+the finished sequence's KV (``backend.kv_snapshot``, the only part that touches
+the context, a few milliseconds) and frees its slot; a publisher thread builds
+the blob (header, checksum) and inserts it into the cache (for a session:
+written and fsync'ed). The generation's result is sent only once that is done,
+so a reply still means "in the cache", and for a session "persisted".
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from llamafleet.backends.base import Backend
@@ -63,11 +72,13 @@ class Scheduler:
     def __init__(self, backend: Backend, *, send: Send, max_queue: int, stream_interval: float,
                  cache: KVCache | None = None,
                  wake_watcher: Callable[[], None] | None = None,
-                 paused: Callable[[bytes], bool] | None = None) -> None:
+                 paused: Callable[[bytes], bool] | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
         """``max_queue`` and ``stream_interval`` (seconds) are the model's worker options
         (``config.WORKER_OPTIONS``: their defaults live there). ``paused(peer)`` tells
         whose generations wait (their client is not reading its replies): they keep
-        their slot and KV but get no tokens until it turns False."""
+        their slot and KV but get no tokens until it turns False. ``wake()`` (any
+        thread) gets the worker's loop to tick: a published result is ready."""
         info = backend.info()
         self.backend = backend
         self.n_seq_max = info.n_seq_max
@@ -95,12 +106,20 @@ class Scheduler:
         self._flush_at = 0.0
         #: a generation with a deadline may be queued or running (cleared by _expire)
         self._timed = False
+        self._wake = wake
+        #: finished generations whose KV the publisher thread is still caching
+        self._publishing = 0
+        #: ... and those it is done with (appended by that thread; results to send)
+        self._published: deque[Generation] = deque()
+        self._publisher: ThreadPoolExecutor | None = None
+        self._publisher_lock = threading.Lock()
 
     # -- requests ------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """Work is queued or running (the worker keeps ticking)."""
-        return bool(self.queue or self.running)
+        """Work is queued or running, or results wait for their KV to be cached (the
+        worker keeps ticking)."""
+        return bool(self.queue or self.running or self._publishing)
 
     @property
     def active(self) -> bool:
@@ -112,7 +131,7 @@ class Scheduler:
         return any(not paused(g.peer) for g in self.running.values())
 
     def inflight(self) -> int:
-        return len(self.queue) + len(self.running)
+        return len(self.queue) + len(self.running) + self._publishing
 
     def owner(self, seq: int) -> int | None:
         """Request id of the generation using ``seq`` (None when free)."""
@@ -271,6 +290,7 @@ class Scheduler:
     def tick(self) -> None:
         """Admit, evaluate one batch, sample, stream."""
         self.ticks += 1
+        self._deliver_published()
         self._expire()
         self._admit()
         if not self.running:
@@ -438,11 +458,40 @@ class Scheduler:
         if g.stream:
             self._flush(g, time.monotonic())
         self.running.pop(g.key, None)
-        self._publish(g)
-        self._release(g)
+        try:
+            job = self._snapshot(g)  # reads the KV: before the slot is released
+        finally:
+            self._release(g)
+        if job is None:
+            self._reply(g)
+            return
+        self._publishing += 1
+        with self._publisher_lock:
+            if self._publisher is None:
+                self._publisher = ThreadPoolExecutor(1, thread_name_prefix="kv-publish")
+            # one thread: a session's publishes are applied in the order they finished
+            self._publisher.submit(self._publish, g, job)
+
+    def _reply(self, g: Generation) -> None:
         result = g.result()
         self.counters.finished(result.finish_reason, result.stats)
         self._send(g.peer, g.req_id, result)
+
+    def _deliver_published(self) -> None:
+        """Send the results whose KV the publisher thread has cached."""
+        while self._published:
+            g = self._published.popleft()
+            self._publishing -= 1
+            self._reply(g)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the publisher thread to finish what it holds (before the cache
+        closes), and send those results."""
+        with self._publisher_lock:
+            pub, self._publisher = self._publisher, None
+        if pub is not None:
+            pub.shutdown(wait=True)
+        self._deliver_published()
 
     def _fail(self, g: Generation, err: LlamafleetError, notify: bool = True) -> None:
         g.end("error")
@@ -460,32 +509,53 @@ class Scheduler:
         if not g.explicit_seq:
             self.backend.seq_clear(g.seq)
 
-    def _publish(self, g: Generation) -> None:
-        """Offer the finished sequence's KV to the cache (durably for sessions)."""
+    def _snapshot(self, g: Generation) -> tuple[str, list[int], Callable[[], bytes]] | None:
+        """On the loop: what the finished sequence offers the cache (namespace, tokens
+        and the blob's builder, its KV already read), or None when nothing is published."""
         if g.explicit_seq or g.seq is None:
-            return
+            return None
         ns = self._namespace()
         if self.cache is None or ns is None:
             if g.session is not None:
                 g.session_saved = False
                 g.session_error = ("this model keeps no KV cache (prefix_cache is off "
                                             "or the backend cannot pack KV)")
-            return
+            return None
         tokens = self.backend.seq_tokens(g.seq)
         if len(tokens) < self.cache.min_tokens and g.session is None:
-            return
+            return None
         if not tokens:
-            return
+            return None
         try:
-            blob = self.backend.kv_pack(g.seq)
+            return ns, tokens, self.backend.kv_snapshot(g.seq)
         except LlamafleetError as exc:
             log.warning("kv_pack for the cache failed: %s", exc)
-            return
+            self._not_saved(g, exc)
+            return None
+
+    def _publish(self, g: Generation, job: tuple[str, list[int], Callable[[], bytes]]) -> None:
+        """On the publisher thread: build the blob and cache it (durably for a
+        session), then hand the result back to the loop."""
+        ns, tokens, build = job
         try:
-            self.cache.insert(ns, tokens, blob, session=g.session, durable=g.session is not None)
+            assert self.cache is not None
+            self.cache.insert(ns, tokens, build(), session=g.session,
+                              durable=g.session is not None)
             if g.session is not None:
                 g.session_saved = True
         except OSError as exc:
             log.warning("session %s not persisted: %s", g.session, exc)
+            self._not_saved(g, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the reply
+            log.exception("publishing to the prefix cache failed")
+            self._not_saved(g, exc)
+        finally:
+            self._published.append(g)
+            if self._wake is not None:
+                self._wake()
+
+    @staticmethod
+    def _not_saved(g: Generation, exc: BaseException) -> None:
+        if g.session is not None:
             g.session_saved = False
             g.session_error = str(exc)

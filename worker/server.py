@@ -108,7 +108,7 @@ class Worker:
         self._state_changed = threading.Event()
         # wakes the watcher thread at once (state change, abort deadline armed)
         self._kick_r, self._kick_w = os.pipe()
-        # wakes the main loop out of its idle wait (SIGTERM)
+        # wakes the main loop out of its idle wait (SIGTERM, a published result)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._kick_r, self._kick_w, self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -163,6 +163,13 @@ class Worker:
             self.error = error
         self._state_changed.set()
         self._kick()
+
+    def _wake(self) -> None:
+        """Get the main loop out of its wait (from any thread)."""
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:
+            pass  # a wake-up is already pending
 
     def _kick(self) -> None:
         try:
@@ -256,7 +263,7 @@ class Worker:
                                    max_queue=int(opts["max_queue"]),
                                    stream_interval=float(opts["stream_interval_ms"]) / 1000,
                                    wake_watcher=self._kick,
-                                   paused=self._outbox.__contains__)
+                                   paused=self._outbox.__contains__, wake=self._wake)
         self.load_progress = 1.0
 
     @staticmethod
@@ -433,6 +440,7 @@ class Worker:
                 key = self._gone.pop()
                 if sched.cancel(key, notify=False):
                     log.info("client of request %s disconnected; generation stopped", key[1])
+        sched.close()  # the publisher thread's last results, before the cache closes
         if self.cache is not None:
             self.cache.close()
         sock.close(linger=200)

@@ -411,14 +411,22 @@ class LlamaContext(_Owner):
         return int(self.lib.llama_memory_seq_pos_max(self.mem, seq))
 
     # -- sequence state
-    def state_seq_get(self, seq: int) -> bytes:
-        """The sequence's state blob (KV cells and positions)."""
-        L = self.lib
-        size = int(L.llama_state_seq_get_size(self.ptr, seq))
-        buf = bytearray(size)
-        got = int(L.llama_state_seq_get_data(self.ptr, self.ffi.from_buffer(buf), size, seq))
+    def state_seq_size(self, seq: int) -> int:
+        """Bytes of the sequence's state blob."""
+        return int(self.lib.llama_state_seq_get_size(self.ptr, seq))
+
+    def state_seq_get_into(self, seq: int, out: memoryview) -> None:
+        """Write the sequence's state blob (exactly ``state_seq_size`` bytes) into ``out``."""
+        size = len(out)
+        got = int(self.lib.llama_state_seq_get_data(self.ptr, self.ffi.from_buffer(out), size,
+                                                    seq))
         if got != size:
             raise InternalError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+
+    def state_seq_get(self, seq: int) -> bytes:
+        """The sequence's state blob (KV cells and positions)."""
+        buf = bytearray(self.state_seq_size(seq))
+        self.state_seq_get_into(seq, memoryview(buf))
         return bytes(buf)
 
     def state_seq_set(self, seq: int, data: bytes) -> bool:

@@ -573,3 +573,81 @@ def test_smollm2_chat() -> None:
         assert isinstance(json.loads(b.detokenize(out))["answer"], int)
     finally:
         b.close()
+
+
+# -- speculative decoding: drafts verified in one decode ----------------------------------
+def test_draft_accept_and_reject_leave_exactly_the_kept_tokens(be: LlamaBackend) -> None:
+    prompt = be.tokenize("the world is a place where")
+    ref = generate(be, 0, prompt, 8)
+    # the true continuation's first three tokens, then two wrong ones, as a draft
+    wrong = (ref[3] + 1) % be.n_vocab
+    be.seq_clear(1)
+    be.set_sampling(1, GREEDY)
+    be.evaluate([(1, prompt[:-1])])
+    be.evaluate_drafts([(1, prompt[-1:]), (2, be.tokenize("another sequence"))],
+                       {1: ref[:3] + [wrong, wrong]})
+    assert be.seq_len(1) == len(prompt) and be.seq_len(2) > 0
+    kept = []
+    for d in ref[:3] + [wrong]:
+        t = be.sample(1)
+        kept.append(t)
+        if t != d:
+            break
+        be.draft_accept(1)
+    assert kept == ref[:4]  # three kept, the fourth corrected
+    be.draft_reject(1)
+    assert be.seq_tokens(1) == prompt + ref[:3]
+    # no cell of the rejected draft is left: the KV holds exactly these positions
+    assert be._ctx.seq_pos_max(1) == len(prompt) + 2
+    be.evaluate([(1, [kept[-1]])])
+    rest = [kept[-1]]
+    for _ in range(4):
+        t = be.sample(1)
+        rest.append(t)
+        be.evaluate([(1, [t])])
+    assert ref[:3] + rest == ref[:8]
+    # and its KV round-trips
+    blob = be.kv_pack(1)
+    assert be.kv_unpack(3, blob) == be.seq_len(1) and be.seq_tokens(3) == be.seq_tokens(1)
+
+
+def test_draft_errors_are_bad_requests(be: LlamaBackend) -> None:
+    toks = be.tokenize("hello")
+    with pytest.raises(BadRequest, match="follows no tokens"):
+        be.evaluate_drafts([(0, toks)], {1: toks})
+    with pytest.raises(BadRequest, match="out of range"):
+        be.evaluate_drafts([(0, toks)], {0: [be.n_vocab]})
+    with pytest.raises(BadRequest, match="exceed the context"):
+        be.evaluate_drafts([(0, toks)], {0: [toks[0]] * 300})
+    assert be.seq_len(0) == 0  # nothing changed
+    with pytest.raises(BadRequest, match="no pending draft"):
+        be.draft_accept(0)
+    be.draft_reject(0)  # nothing to drop is fine
+
+
+def test_scheduler_lookup_output_equals_plain_on_a_tiny_model(be: LlamaBackend) -> None:
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
+    from llamafleet.worker.speculative import SpecConfig
+
+    sent: dict[int, object] = {}
+    sched = Scheduler(be, send=lambda p, r, o: sent.__setitem__(r, o), max_queue=8,
+                      stream_interval=0)
+    # a random model's greedy output soon repeats itself: lookup finds it
+    prompt = be.tokenize("the world is a place where")
+
+    def run(req: int, spec: SpecConfig | None, **kw: object) -> object:
+        sched.submit(Generation(peer=b"p", req_id=req, stream=False, prompt_tokens=prompt,
+                                params=SamplingParams(**kw), max_tokens=150, stop=[],
+                                ignore_eos=True, seq=None, deadline=None, session=None,
+                                speculative=spec))
+        while sched.busy:
+            sched.tick()
+        return sent[req]
+
+    for i, kw in enumerate([{"temperature": 0.0}, {"temperature": 0.8, "seed": 11}]):
+        plain = run(10 * i + 1, None, **kw)
+        spec = run(10 * i + 2, SpecConfig(draft_min=2, draft_max=8), **kw)
+        assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
+        if i == 0:
+            assert spec.stats.accepted_tokens > 10  # type: ignore[attr-defined]

@@ -19,6 +19,15 @@ the context, a few milliseconds) and frees its slot; a publisher thread builds
 the blob (header, checksum) and inserts it into the cache (for a session:
 written and fsync'ed). The generation's result is sent only once that is done,
 so a reply still means "in the cache", and for a session "persisted".
+
+Speculative decoding (a generation with a drafter, see ``worker.speculative``)
+adds a draft after a sequence's decode token in the same batch; after the
+evaluation the sequence is sampled position by position with its own sampler,
+keeping draft tokens while they equal what it sampled (the longest accepted
+prefix plus the corrected or bonus token); the backend drops the rest of the
+draft's KV cells. Everything that ends or shapes a generation (EOG, stop
+strings, max_tokens, grammar, penalties, logprobs) runs per token, as without
+speculation.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from llamafleet.runtime.protocol import Completion, StreamChunk
 from llamafleet.worker.generation import Generation
 from llamafleet.worker.metrics import WorkerCounters
 from llamafleet.worker.prefix_cache import CacheHit, common_prefix_tokens, tok_bytes
+from llamafleet.worker.speculative import verify_draft
 
 log = logging.getLogger("llamafleet.worker.scheduler")
 
@@ -83,6 +93,7 @@ class Scheduler:
         self.backend = backend
         self.n_seq_max = info.n_seq_max
         self.n_batch = max(1, info.n_batch)
+        self.n_ctx = info.n_ctx
         self.max_queue = max_queue
         self.cache = cache
         #: seconds over which streamed deltas are coalesced (0: one chunk per token)
@@ -304,10 +315,24 @@ class Scheduler:
         batch: list[tuple[Generation, list[int]]] = []
         budget = self.n_batch
         # decode tokens first: every running sequence advances every tick
+        decoding: list[Generation] = []
         for g in live:
             if g.prompt_done and g.pending and budget > 0:
                 batch.append((g, g.take(1)))
                 budget -= 1
+                decoding.append(g)
+        # then drafts of the speculating ones, verified in the same evaluation
+        drafts: dict[int, list[int]] = {}
+        for g in decoding:
+            if g.drafter is None or g.finishing is not None or budget <= 0 or g.pending:
+                continue
+            assert g.seq is not None
+            room = min(budget, g.max_tokens - len(g.tokens) - 1,
+                       self.n_ctx - self.backend.seq_len(g.seq) - 2)
+            draft = g.drafter.propose(room)
+            if draft:
+                drafts[g.seq] = draft
+                budget -= len(draft)
         # then prompt chunks, rotating who goes first so no prompt starves
         prefilling = [g for g in live if not g.prompt_done and g.pending]
         if prefilling:
@@ -320,7 +345,7 @@ class Scheduler:
                 batch.append((g, chunk))
                 budget -= len(chunk)
         if batch:
-            self._evaluate(batch)
+            self._evaluate(batch, drafts)
             self.abort_at = None
         for g in order:
             if g.done or g.key not in self.running:
@@ -330,6 +355,8 @@ class Scheduler:
                 if g.finishing or len(g.tokens) >= g.max_tokens:
                     g.prompt_done = True
                     g.end(g.finishing or "length")
+                elif g.draft:
+                    self._verify(g)
                 else:
                     g.prompt_done = True
                     self._sample(g)
@@ -357,12 +384,19 @@ class Scheduler:
                 self._wake_watcher()  # it sleeps until the next heartbeat otherwise
         self.backend.abort(False)
 
-    def _evaluate(self, batch: list[tuple[Generation, list[int]]]) -> None:
+    def _evaluate(self, batch: list[tuple[Generation, list[int]]],
+                  drafts: dict[int, list[int]] | None = None) -> None:
         self._arm_abort(batch)
         try:
-            self.backend.evaluate([(g.seq, toks) for g, toks in batch])  # type: ignore[misc]
+            work = [(g.seq, toks) for g, toks in batch]
+            if drafts:
+                self.backend.evaluate_drafts(work, drafts)  # type: ignore[arg-type]
+            else:
+                self.backend.evaluate(work)  # type: ignore[arg-type]
             for g, _ in batch:
                 g.in_flight = True
+                if drafts:
+                    g.draft = drafts.get(g.seq, [])  # type: ignore[arg-type]
             return
         except Cancelled:
             self.abort_at = None
@@ -393,7 +427,38 @@ class Scheduler:
                 log.exception("evaluation failed")
                 self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
 
-    def _sample(self, g: Generation) -> None:
+    def _verify(self, g: Generation) -> None:
+        """Sample a sequence whose draft was evaluated: keep the draft tokens its own
+        sampler chooses, then the corrected (or bonus) token; drop the rest."""
+        draft, g.draft = g.draft, []
+        b, seq = self.backend, g.seq
+        assert seq is not None and g.drafter is not None
+
+        def sample_at(i: int) -> int | None:
+            if i > 0:  # draft[i - 1] was sampled: it is in the KV, with its logits
+                b.draft_accept(seq)
+                g.pending = []
+                if g.finishing is not None:  # a kept-KV ending: its last token is in
+                    g.end(g.finishing)
+                    return None
+            token = self._sample(g)
+            return None if g.done else token
+
+        accepted = 0
+        try:
+            accepted, _ = verify_draft(draft, sample_at)
+        except LlamafleetError as exc:
+            self._fail(g, exc)
+        finally:
+            if g.key in self.running:  # (a failed one was cleared with its draft)
+                b.draft_reject(seq)
+        g.stats.drafted_tokens += len(draft)
+        g.stats.accepted_tokens += accepted
+        g.drafter.feedback(len(draft), accepted)
+
+    def _sample(self, g: Generation) -> int | None:
+        """Sample the next token; returns it when it is output (and now pending or
+        ending the generation), None otherwise (EOG, grammar's end, an error)."""
         b = self.backend
         assert g.seq is not None
         n_before = len(g.tokens)
@@ -411,13 +476,15 @@ class Scheduler:
                 if g.t_last_token is not None:
                     self.counters.token_gap(now - g.t_last_token)
                 g.t_last_token = now
+                if g.drafter is not None:
+                    g.drafter.push(g.tokens[-1])
         except LlamafleetError as exc:
             self._fail(g, exc)
-            return
+            return None
         except Exception as exc:  # a backend bug: fail this request, keep serving
             log.exception("sampling failed")
             self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
-            return
+            return None
         if g.stream:
             g.out_text += delta
             g.out_tokens += g.tokens[n_before:]
@@ -427,6 +494,7 @@ class Scheduler:
             if (g.out_text or g.out_tokens) and (
                     g.done or g.last_flush == 0.0 or self.stream_interval <= 0):
                 self._flush(g, time.monotonic())
+        return g.tokens[-1] if len(g.tokens) > n_before else None
 
     def _flush(self, g: Generation, now: float) -> None:
         if g.out_text or g.out_tokens:

@@ -28,6 +28,7 @@ from llamafleet.runtime.errors import (
     BadRequest,
     InternalError,
     LlamafleetError,
+    NotSupported,
     RequestTimeout,
     ShuttingDown,
 )
@@ -38,6 +39,7 @@ from llamafleet.worker.generation import Generation
 from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
 from llamafleet.worker.prefix_cache import PrefixCache
 from llamafleet.worker.scheduler import Outgoing, Scheduler
+from llamafleet.worker.speculative import SpecConfig
 
 log = logging.getLogger("llamafleet.worker")
 
@@ -257,6 +259,11 @@ class Worker:
         self.default_sampling = {**_usable(backend.default_sampling()), **self.spec.sampling}
         backend.set_default_sampling(self.sampling(None))
         opts = self.spec.worker_options
+        if opts.get("speculative", "off") != "off" and \
+                "speculative" not in backend.info().features:
+            raise BadRequest(f"speculative = {opts['speculative']!r}: the "
+                             f"{backend.name or type(backend).__name__} backend cannot "
+                             "verify drafts")
         self.cache = self._make_cache(opts)
         self.stall_timeout = float(opts["stall_timeout_s"])
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
@@ -496,6 +503,22 @@ class Worker:
         if raw and (raw.get("grammar") is not None or raw.get("json_schema") is not None):
             base = {k: v for k, v in base.items() if k not in ("grammar", "json_schema")}
         return SamplingParams.from_dict({**base, **(raw or {})})
+
+    def speculative(self, mode: str) -> SpecConfig | None:
+        """How a generation asking for ``mode`` (protocol.SPECULATIVE_MODES) speculates:
+        "model" follows the model's ``speculative`` option; None is off."""
+        opts = self.spec.worker_options
+        mode = mode.lower()
+        if mode == "model":
+            mode = str(opts.get("speculative") or "off")
+        if mode == "off":
+            return None
+        b, _ = self.loaded()
+        if "speculative" not in b.info().features:
+            raise NotSupported(f"the {b.name or type(b).__name__} backend cannot verify "
+                               "drafts (speculative decoding)")
+        return SpecConfig(method=mode, draft_min=int(opts.get("draft_min") or 2),
+                          draft_max=int(opts.get("draft_max") or 16))
 
     def check_seq(self, seq: int) -> None:
         """Refuse a caller-managed sequence that is out of range or in use."""

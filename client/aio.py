@@ -645,9 +645,10 @@ class AsyncClient:
         alternatives in ``Completion.logprobs``. ``keep_alive`` (seconds, -1:
         forever) is how long the model stays loaded once idle. ``resume``
         overrides the client's: resubmit if the worker dies (``stats.resumed``).
-        ``speculative="lookup"`` drafts tokens by prompt lookup and verifies them in
-        the batch (same output; ``stats.drafted_tokens``/``accepted_tokens``), None
-        turns it off, the default "model" follows the model's configuration."""
+        ``speculative="lookup"`` drafts tokens by prompt lookup (``"draft"``: with the
+        model's draft_model) and verifies them in the batch (same output;
+        ``stats.drafted_tokens``/``accepted_tokens``), None turns it off, the default
+        "model" follows the model's configuration."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
                                    parse_special, ignore_eos, False, session, timeout,
                                    logprobs, keep_alive, sampling, speculative)

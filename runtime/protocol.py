@@ -654,7 +654,7 @@ def _generations(v: Any) -> str | None:
     return None if all(_is_int(g) and g >= 0 for g in v) else "must be generation numbers"
 
 #: a generate's ``speculative`` values ("model": what the model's configuration says)
-SPECULATIVE_MODES = ("model", "lookup", "off")
+SPECULATIVE_MODES = ("model", "lookup", "draft", "off")
 
 _TEXT = Field(STR, check=_max_len(MAX_TEXT_CHARS))
 _TOKENS = Field(LIST, check=_token_list)
@@ -703,7 +703,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         # how long the model stays loaded once idle (seconds; -1: never unloaded)
         "keep_alive": _KEEP_ALIVE,
         # speculative decoding: "model" (the model's speculative option), "lookup"
-        # (prompt lookup) or "off"; the output is the same either way
+        # (prompt lookup), "draft" (the model's draft_model) or "off"; the output is
+        # the same either way
         "speculative": Field(STR, default="model", choices=SPECULATIVE_MODES)},
         streaming=True, one_of=("prompt", "tokens"), reply=Completion),
     Command("kv_pack", "worker", {"seq": _SEQ}, reply=KvBlob),

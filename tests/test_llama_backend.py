@@ -651,3 +651,80 @@ def test_scheduler_lookup_output_equals_plain_on_a_tiny_model(be: LlamaBackend) 
         assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
         if i == 0:
             assert spec.stats.accepted_tokens > 10  # type: ignore[attr-defined]
+
+
+# -- speculative decoding with a draft model ------------------------------------------------
+def _draft_run(target: LlamaBackend, draft_path: str, prompt: list[int], n: int,
+               **sampling: object) -> tuple[object, object]:
+    """(plain, drafted) completions of ``prompt`` on ``target``, the draft model loaded
+    from ``draft_path`` with the target's context shape."""
+    from llamafleet.worker.draft_model import DraftModel, check_vocabularies, draft_options
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
+    from llamafleet.worker.speculative import SpecConfig
+
+    draft = LlamaBackend(draft_options(target.options, draft_path))
+    draft.load()
+    try:
+        check_vocabularies(target, draft)
+        dm = DraftModel(draft)
+        sent: dict[int, object] = {}
+        sched = Scheduler(target, send=lambda p, r, o: sent.__setitem__(r, o), max_queue=8,
+                          stream_interval=0)
+        spec = SpecConfig(method="draft", draft_min=1, draft_max=8, model=dm)
+        for req, cfg in ((1, None), (2, spec)):
+            sched.submit(Generation(peer=b"p", req_id=req, stream=False, prompt_tokens=prompt,
+                                    params=SamplingParams(**sampling), max_tokens=n, stop=[],
+                                    ignore_eos=True, seq=None, deadline=None, session=None,
+                                    speculative=cfg))
+            while sched.busy:
+                sched.tick()
+        assert all(draft.seq_len(s) == 0 for s in range(draft.n_seq_max))  # released
+        return sent[1], sent[2]
+    finally:
+        draft.close()
+
+
+def test_a_draft_model_drafts_and_the_output_is_the_targets(
+        be: LlamaBackend, files: dict[str, pathlib.Path]) -> None:
+    prompt = be.tokenize("the world is a place where")
+    # the model as its own draft: greedy drafts are (nearly) all kept
+    plain, spec = _draft_run(be, str(files["model"]), prompt, 60, temperature=0.0)
+    assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
+    st = spec.stats  # type: ignore[attr-defined]
+    assert st.drafted_tokens > 20 and st.accepted_tokens >= 0.9 * st.drafted_tokens
+    # another model with the same vocabulary: drafts get rejected, the output stays
+    for sampling in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 4}):
+        plain, spec = _draft_run(be, str(files["other"]), prompt, 60, **sampling)
+        assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
+        assert spec.stats.drafted_tokens > 0  # type: ignore[attr-defined]
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(be: LlamaBackend) -> None:
+    from llamafleet.runtime.errors import IncompatibleModels
+    from llamafleet.worker.draft_model import check_vocabularies
+
+    smol = _smollm_path()
+    if smol is None:
+        pytest.skip("SmolLM2 is not installed")
+    other = _make(smol, n_ctx=256)
+    try:
+        with pytest.raises(IncompatibleModels, match="does not share the vocabulary"):
+            check_vocabularies(be, other)
+    finally:
+        other.close()
+
+
+def test_smollm_as_its_own_draft_keeps_its_greedy_drafts() -> None:
+    smol = _smollm_path()
+    if smol is None:
+        pytest.skip("SmolLM2 is not installed")
+    target = _make(smol, n_ctx=512, n_seq_max=1, n_batch=512, n_ubatch=512)
+    try:
+        prompt = target.tokenize("The capital of France is Paris. The capital of Italy is")
+        plain, spec = _draft_run(target, smol, prompt, 40, temperature=0.0)
+        st = spec.stats  # type: ignore[attr-defined]
+        assert st.drafted_tokens > 10 and st.accepted_tokens >= 0.9 * st.drafted_tokens
+        assert spec.tokens[:20] == plain.tokens[:20]  # type: ignore[attr-defined]
+    finally:
+        target.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,8 @@ HEAD = "Once upon a time, in a land far away"
 
 MODELS = {"spec": {"backend": "fake", "speculative": "lookup", "draft_max": 8,
                    "token_delay": 0.002},
+          # the fake model as its own draft model (any existing file is a fake model)
+          "drafted": {"backend": "fake", "draft_model": __file__, "token_delay": 0.002},
           "plain": {"backend": "fake", "token_delay": 0.002},
           "bare": {"backend": "llamafleet.testing.minimal_backend:MinimalBackend"}}
 
@@ -69,14 +72,50 @@ def test_a_backend_that_cannot_verify_drafts_refuses_lookup(c: Client) -> None:
     assert c.generate("bare", "hello", max_tokens=2).finish_reason  # the model default: off
 
 
-def test_a_model_configured_for_lookup_on_such_a_backend_fails_to_load(fleet) -> None:
-    sup = fleet({"bare": {"backend": "llamafleet.testing.minimal_backend:MinimalBackend",
-                          "speculative": "lookup"}}, wait=False, max_restarts=0)
-    deadline = time.monotonic() + 30
+def _failure(sup: Any) -> str:
+    """Wait for the fleet's only model to be marked failed; why it failed."""
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         st = sup.status()[0]
         if st["state"] == "failed":
-            break
+            return str(st.get("error") or st.get("last_exit") or "")
         time.sleep(0.1)
-    assert st["state"] == "failed" and "cannot verify drafts" in (st.get("error") or
-                                                                   st.get("last_exit") or "")
+    raise AssertionError(f"not failed: {st}")
+
+
+def test_a_model_configured_for_lookup_on_such_a_backend_fails_to_load(fleet) -> None:
+    sup = fleet({"bare": {"backend": "llamafleet.testing.minimal_backend:MinimalBackend",
+                          "speculative": "lookup"}}, wait=False, max_restarts=0)
+    assert "cannot verify drafts" in _failure(sup)
+
+
+def test_a_draft_model_drafts_in_the_same_worker(c: Client, echo: list[int]) -> None:
+    kw = {"prompt": "free text the model makes up", "max_tokens": 60, "temperature": 0,
+          "ignore_eos": True}
+    plain = c.generate("plain", **kw)
+    drafted = c.generate("drafted", **kw)  # draft_model: speculative defaults to "draft"
+    assert drafted.tokens == plain.tokens
+    st = drafted.stats
+    assert st.drafted_tokens > 20 and st.accepted_tokens == st.drafted_tokens  # itself
+    assert c.generate("drafted", speculative="lookup", tokens=echo, max_tokens=40,
+                      temperature=0, ignore_eos=True).stats.accepted_tokens > 0
+    assert c.generate("drafted", speculative=None, **kw).stats.drafted_tokens == 0
+    with pytest.raises(NotSupported, match="no draft_model"):
+        c.generate("plain", speculative="draft", **kw)
+
+
+def test_a_draft_model_with_another_vocabulary_fails_to_load(fleet, tmp_path) -> None:
+    from llamafleet.runtime.config import default_model_path
+    from llamafleet.runtime.errors import ConfigError
+    try:
+        from llamafleet.backends.llama import binding
+        binding.lib()
+        smol = default_model_path()
+        from llamafleet.testing.tiny_gguf import TinyModelSpec, write_tiny_model
+    except (ImportError, OSError, ConfigError) as exc:
+        pytest.skip(f"needs libllama, gguf and SmolLM2: {exc}")
+    tiny = write_tiny_model(tmp_path / "tiny.gguf", TinyModelSpec())
+    sup = fleet({"m": {"backend": "llama", "path": str(tiny), "n_ctx": 256, "n_seq_max": 1,
+                       "n_threads": 2, "draft_model": str(smol)}}, wait=False, max_restarts=0)
+    assert "does not share the vocabulary" in _failure(sup)
+

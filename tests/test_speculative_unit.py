@@ -268,4 +268,30 @@ def test_model_options_and_request_field() -> None:
     assert protocol.validate_args("generate", {"prompt": "x", "speculative": "LOOKUP"})[
         "speculative"].lower() == "lookup"
     with pytest.raises(BadRequest, match="speculative"):
-        protocol.validate_args("generate", {"prompt": "x", "speculative": "draft"})
+        protocol.validate_args("generate", {"prompt": "x", "speculative": "magic"})
+    # a draft model: speculative defaults to "draft" (an explicit "off" stays off)
+    w = _worker_options(draft_model="/models/draft.gguf")
+    assert (w["speculative"], w["draft_model"]) == ("draft", "/models/draft.gguf")
+    assert _worker_options(draft_model="/m/d.gguf", speculative="off")["speculative"] == "off"
+    with pytest.raises(ConfigError, match="needs a draft_model"):
+        _worker_options(speculative="draft")
+
+
+def test_a_draft_model_that_cannot_draft_only_stops_drafting(echo: list[int]) -> None:
+    from llamafleet.backends import get_backend
+    from llamafleet.worker.draft_model import DraftModel
+
+    short = get_backend("fake")({"n_seq_max": 2, "n_ctx": 64})  # shorter than the prompt
+    short.load()
+    cfg = SpecConfig(method="draft", model=DraftModel(short))
+    spec, rig = _complete(cfg, echo, max_tokens=30)
+    plain, _ = _complete(None, echo, max_tokens=30)
+    assert spec.tokens == plain.tokens and spec.stats.drafted_tokens == 0
+    # a draft model that fits drafts its own greedy continuation: all kept
+    fits = get_backend("fake")({"n_seq_max": 2})
+    fits.load()
+    spec, _ = _complete(SpecConfig(method="draft", model=DraftModel(fits)), echo,
+                        max_tokens=30)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.accepted_tokens == spec.stats.drafted_tokens > 10
+    assert all(fits.seq_len(s) == 0 for s in range(2))  # released with the generation

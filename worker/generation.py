@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from llamafleet.runtime.protocol import Completion, CompletionStats, TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
-from llamafleet.worker.speculative import Drafter, SpecConfig
+from llamafleet.worker.speculative import SpecConfig, make_drafter
 from llamafleet.worker.textstream import TextStream
 
 
@@ -102,7 +102,7 @@ class Generation:
         self.session_error: str | None = None
         #: proposes draft tokens (None: this generation does not speculate)
         self.drafter = None if speculative is None else \
-            Drafter(speculative, [*prompt_tokens, *self.tokens])
+            make_drafter(speculative, [*prompt_tokens, *self.tokens])
         #: the draft evaluated after ``pending`` in the current tick
         self.draft: list[int] = []
 

@@ -245,6 +245,8 @@ class Scheduler:
                 self._restore_prefix(g)
             # after the restore: restoring may reset the sequence's sampler
             self.backend.set_sampling(seq, g.params)
+            if g.drafter is not None:
+                g.drafter.bind(seq)
             if g.continued:
                 self.backend.accept(seq, g.continued)
         except BaseException:
@@ -572,6 +574,8 @@ class Scheduler:
     def _release(self, g: Generation) -> None:
         if g.seq is None:
             return
+        if g.drafter is not None:
+            g.drafter.release()
         if self.seq_owner.get(g.seq) == g.key:
             del self.seq_owner[g.seq]
         if not g.explicit_seq:

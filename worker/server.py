@@ -35,6 +35,7 @@ from llamafleet.runtime.errors import (
 from llamafleet.runtime.process import set_parent_death_signal
 from llamafleet.runtime.protocol import WorkerSpec
 from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.worker.draft_model import DraftModel, check_vocabularies, draft_options
 from llamafleet.worker.generation import Generation
 from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
 from llamafleet.worker.prefix_cache import PrefixCache
@@ -98,6 +99,8 @@ class Worker:
         self.requested_keep_alive: float | None = None
         self.scheduler: Scheduler | None = None
         self.cache: PrefixCache | None = None
+        #: the draft_model's backend (speculative = "draft"), loaded with the model
+        self.draft_model: DraftModel | None = None
         self.default_sampling: dict[str, Any] = {}
         self._gone: set[tuple[bytes, int]] = set()  # requests whose client disconnected
         #: replies waiting for clients that are not reading (see Outbox)
@@ -140,6 +143,8 @@ class Worker:
             self._serve()
         finally:
             self._set_state("draining")
+            if self.draft_model is not None:
+                self.draft_model.backend.close()
             if self.backend is not None:
                 self.backend.close()
         return 0
@@ -264,6 +269,8 @@ class Worker:
             raise BadRequest(f"speculative = {opts['speculative']!r}: the "
                              f"{backend.name or type(backend).__name__} backend cannot "
                              "verify drafts")
+        if opts.get("draft_model"):
+            self.draft_model = self._load_draft(cls, backend, str(opts["draft_model"]))
         self.cache = self._make_cache(opts)
         self.stall_timeout = float(opts["stall_timeout_s"])
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
@@ -272,6 +279,19 @@ class Worker:
                                    wake_watcher=self._kick,
                                    paused=self._outbox.__contains__, wake=self._wake)
         self.load_progress = 1.0
+
+    @staticmethod
+    def _load_draft(cls: type[Backend], target: Backend, path: str) -> DraftModel:
+        """Load the draft model on a backend like the target's (IncompatibleModels when
+        its vocabulary differs)."""
+        draft = cls(draft_options(target.options, path))
+        draft.load()
+        try:
+            check_vocabularies(target, draft)
+        except BaseException:
+            draft.close()
+            raise
+        return DraftModel(draft)
 
     @staticmethod
     def _make_cache(opts: dict[str, Any]) -> PrefixCache | None:
@@ -517,8 +537,10 @@ class Worker:
         if "speculative" not in b.info().features:
             raise NotSupported(f"the {b.name or type(b).__name__} backend cannot verify "
                                "drafts (speculative decoding)")
+        if mode == "draft" and self.draft_model is None:
+            raise NotSupported(f"model {self.spec.model} has no draft_model")
         return SpecConfig(method=mode, draft_min=int(opts.get("draft_min") or 2),
-                          draft_max=int(opts.get("draft_max") or 16))
+                          draft_max=int(opts.get("draft_max") or 16), model=self.draft_model)
 
     def check_seq(self, seq: int) -> None:
         """Refuse a caller-managed sequence that is out of range or in use."""

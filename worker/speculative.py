@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 #: longest and shortest n-gram looked up
 NGRAM_MAX = 3
@@ -43,11 +44,13 @@ COOLDOWN_MAX = 4096
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """How one generation speculates: the method and its draft length bounds."""
+    """How one generation speculates: the method ("lookup" or "draft"), its draft
+    length bounds, and for "draft" the worker's draft model (``draft_model.DraftModel``)."""
 
     method: str = "lookup"
     draft_min: int = 2
     draft_max: int = 16
+    model: Any = None
 
 
 class NgramIndex:
@@ -118,8 +121,17 @@ class Drafter:
         also while paused or when lookup finds fewer than ``draft_min``)."""
         if self.paused or limit < self.cfg.draft_min:
             return []
-        draft = self.index.lookup(min(self.k, limit))
+        draft = self._draft(min(self.k, limit))
         return draft if len(draft) >= self.cfg.draft_min else []
+
+    def _draft(self, k: int) -> list[int]:
+        return self.index.lookup(k)
+
+    def bind(self, seq: int) -> None:
+        """The generation got sequence ``seq`` (a draft model mirrors it)."""
+
+    def release(self) -> None:
+        """The generation let its sequence go."""
 
     def feedback(self, drafted: int, accepted: int) -> None:
         """The target kept ``accepted`` of the ``drafted`` tokens just verified."""
@@ -161,3 +173,10 @@ def verify_draft(draft: Sequence[int],
     if t is not None:
         out.append(t)
     return len(draft), out
+
+
+def make_drafter(cfg: SpecConfig, history: Sequence[int]) -> Drafter:
+    """The drafter of one generation: the draft model's, else prompt lookup."""
+    if cfg.method == "draft" and cfg.model is not None:
+        return cfg.model.drafter(cfg, history)
+    return Drafter(cfg, history)

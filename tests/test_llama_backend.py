@@ -728,3 +728,58 @@ def test_smollm_as_its_own_draft_keeps_its_greedy_drafts() -> None:
         assert spec.tokens[:20] == plain.tokens[:20]  # type: ignore[attr-defined]
     finally:
         target.close()
+
+
+def test_eight_speculating_sequences_match_their_solo_plain_runs(
+        files: dict[str, pathlib.Path]) -> None:
+    """Lookup drafts of eight sequences verified in shared batches, with a grammar and
+    with stop strings: each output equals its plain run alone."""
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
+    from llamafleet.worker.speculative import SpecConfig
+
+    b = _make(files["model"], n_seq_max=8)
+    try:
+        sent: dict[int, object] = {}
+        sched = Scheduler(b, send=lambda p, r, o: sent.__setitem__(r, o), max_queue=16,
+                          stream_interval=0)
+        prompts = [b.tokenize(f"the world number {i} is a place where") for i in range(8)]
+
+        def submit(req: int, prompt: list[int], spec: SpecConfig | None, stop: list[str],
+                   **kw: object) -> None:
+            sched.submit(Generation(peer=b"p", req_id=req, stream=True, prompt_tokens=prompt,
+                                    params=SamplingParams(temperature=0.0, **kw),
+                                    max_tokens=80, stop=stop, ignore_eos=True, seq=None,
+                                    deadline=None, session=None, speculative=spec))
+
+        def drain() -> None:
+            while sched.busy:
+                sched.tick()
+
+        for case, kw in enumerate([{}, {"grammar": "root ::= [a-z ]+"}, {}]):
+            solo = []
+            for i, p in enumerate(prompts):
+                submit(1000 * case + i, p, None, [], **kw)
+                drain()
+                solo.append(sent[1000 * case + i])
+            # the third case stops each at a string from the middle of its solo text
+            stops = [[s.text[90:94]] if case == 2 else [] for s in solo]  # type: ignore[attr-defined]
+            if case == 2:
+                solo = []
+                for i, p in enumerate(prompts):
+                    submit(1000 * case + 50 + i, p, None, stops[i])
+                    drain()
+                    solo.append(sent[1000 * case + 50 + i])
+            for i, p in enumerate(prompts):
+                submit(1000 * case + 100 + i, p, SpecConfig(draft_min=2, draft_max=8),
+                       stops[i], **kw)
+            drain()
+            spec = [sent[1000 * case + 100 + i] for i in range(8)]
+            assert [(s.tokens, s.text, s.finish_reason) for s in spec] == \
+                [(s.tokens, s.text, s.finish_reason) for s in solo]  # type: ignore[attr-defined]
+            kept = sum(s.stats.accepted_tokens for s in spec)  # type: ignore[attr-defined]
+            assert kept > (0 if case == 2 else 50)
+            if case == 2:
+                assert all(s.finish_reason == "stop" for s in spec)  # type: ignore[attr-defined]
+    finally:
+        b.close()

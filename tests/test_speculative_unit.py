@@ -23,19 +23,21 @@ from tests.test_scheduler_unit import Rig
 
 # -- the n-gram index ---------------------------------------------------------------------
 def test_lookup_proposes_what_followed_the_latest_earlier_occurrence() -> None:
-    idx = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3])
+    assert (sp.NGRAM_MAX, sp.NGRAM_MIN) == (4, 3)
+    idx = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3], n_max=3, n_min=2)
     # suffix 3-gram (1, 2, 3) occurred at 0..2, followed by 4, 5, ...
     assert idx.lookup(4) == [4, 5, 9, 2]
     idx.extend([4])  # suffix (2, 3, 4): the occurrence at 1..3
     assert idx.lookup(3) == [5, 9, 2]
     # no 3-gram match: the 2-gram (2, 3) last seen at 6..7, followed by 7, 8
-    assert NgramIndex([2, 3, 7, 8, 5, 2, 3]).lookup(5) == [7, 8, 5, 2, 3]
+    assert NgramIndex([2, 3, 7, 8, 5, 2, 3], n_max=3, n_min=2).lookup(5) == [7, 8, 5, 2, 3]
+    assert NgramIndex([2, 3, 7, 8, 5, 2, 3]).lookup(5) == []  # by default 3-grams at least
     # a continuation that reaches the present repeats with its period
-    assert NgramIndex([5, 6, 7, 5, 6]).lookup(7) == [7, 5, 6, 7, 5, 6, 7]
-    assert NgramIndex([4, 4, 4]).lookup(3) == [4, 4, 4]
+    assert NgramIndex([5, 6, 7, 5, 6], n_min=2).lookup(7) == [7, 5, 6, 7, 5, 6, 7]
+    assert NgramIndex([4, 4, 4, 4]).lookup(3) == [4, 4, 4]
     assert NgramIndex([1, 2, 3, 4]).lookup(3) == []  # nothing repeats
     assert NgramIndex([1, 2]).lookup(3) == [] and NgramIndex().lookup(3) == []
-    assert NgramIndex([1, 2, 1, 2]).lookup(0) == []
+    assert NgramIndex([1, 2, 3, 1, 2, 3]).lookup(0) == []
 
 
 def test_index_built_token_by_token_equals_one_built_at_once() -> None:
@@ -51,8 +53,8 @@ def test_index_built_token_by_token_equals_one_built_at_once() -> None:
         if draft:
             h = hist[:i + 1]
             ext = h + draft  # (continued with its own period past the present)
-            assert any(h[j:j + 2] == h[-2:] and ext[j + 2:j + 2 + len(draft)] == draft
-                       for j in range(len(h) - 2))
+            assert any(h[j:j + n] == h[-n:] and ext[j + n:j + n + len(draft)] == draft
+                       for n in (3, 4) for j in range(len(h) - n))
 
 
 # -- adaptation ------------------------------------------------------------------------------

@@ -127,6 +127,29 @@ class Backend(ABC):
         in that case no sequence of the batch is changed.
         """
 
+    def evaluate_drafts(self, batch: Sequence[tuple[int, Sequence[int]]],
+                        drafts: Mapping[int, Sequence[int]]) -> None:
+        """:meth:`evaluate`, plus a draft after the tokens of some sequences, in the
+        same computation (speculative decoding; list ``"speculative"`` in
+        ``info().features``). ``drafts[seq]`` follows that sequence's tokens in
+        ``batch`` (which must be there, non-empty), with logits for every draft
+        position. The sequence then holds its batch tokens only (``seq_len``,
+        ``seq_tokens``, ``sample`` as after :meth:`evaluate`); its draft is
+        pending: :meth:`draft_accept` keeps the next draft token, :meth:`draft_reject`
+        drops what is left. Same errors as ``evaluate``, and on error nothing changes."""
+        raise NotSupported(f"{self.name} backend cannot verify drafts")
+
+    def draft_accept(self, seq: int) -> None:
+        """Keep the next token of the sequence's pending draft (``sample`` just chose
+        it): it joins the sequence as if evaluated, and ``sample`` now reads the
+        logits that followed it."""
+        raise NotSupported(f"{self.name} backend cannot verify drafts")
+
+    def draft_reject(self, seq: int) -> None:
+        """Drop what is left of the sequence's pending draft (its KV cells are
+        removed); nothing to drop is fine. Any other call on the sequence drops it
+        first."""
+
     def prefill(self, seq: int, tokens: Sequence[int]) -> None:
         """Append ``tokens`` to one sequence (``evaluate`` of one pair)."""
         self.evaluate([(seq, tokens)])
@@ -170,6 +193,15 @@ class Backend(ABC):
     def kv_pack(self, seq: int) -> bytes:
         """Serialize the sequence's KV state (with a self-describing header)."""
         raise NotSupported(f"{self.name} backend does not support kv_pack")
+
+    def kv_snapshot(self, seq: int) -> Callable[[], bytes]:
+        """Read the sequence's KV now and return a function that builds the blob
+        :meth:`kv_pack` would return. Only this call touches the context (the
+        sequence may be cleared or reused as soon as it returns); the returned
+        function touches nothing of the backend, so the scheduler runs it on
+        another thread while decoding goes on. The default packs here."""
+        blob = self.kv_pack(seq)
+        return lambda: blob
 
     def kv_unpack(self, seq: int, data: bytes) -> int:
         """Replace the sequence's state with a blob from ``kv_pack``; returns its

@@ -34,7 +34,7 @@ import signal
 import struct
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,12 @@ _MAX_SIZE = 1 << 20
 
 
 class _Seq:
-    __slots__ = ("tokens", "params", "rng", "matcher", "has_logits")
+    __slots__ = ("tokens", "params", "rng", "matcher", "has_logits", "draft")
 
     def __init__(self, params: SamplingParams) -> None:
         self.tokens: list[int] = []
+        #: the pending draft (evaluated, not yet accepted)
+        self.draft: list[int] = []
         self.params = params
         self.rng = random.Random(0)
         self.matcher: Any = None
@@ -141,7 +143,7 @@ class FakeBackend(Backend):
                          n_batch=self.n_batch, n_seq_max=self.n_seq_max, n_embd=self.n_embd,
                          bos_token=BOS, eos_token=EOS, chat_template=self.template,
                          features=["kv", "grammar", "lora", "embeddings", "chat_template",
-                                   "logprobs"])
+                                   "logprobs", "speculative"])
 
     # -- vocabulary --------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True,
@@ -189,6 +191,10 @@ class FakeBackend(Backend):
         return list(self._seq(seq).tokens)
 
     def evaluate(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
+        self.evaluate_drafts(batch, {})
+
+    def evaluate_drafts(self, batch: Sequence[tuple[int, Sequence[int]]],
+                        drafts: Mapping[int, Sequence[int]]) -> None:
         seen: set[int] = set()
         total = 0
         for seq, tokens in batch:
@@ -196,11 +202,18 @@ class FakeBackend(Backend):
             if seq in seen:
                 raise BadRequest(f"sequence {seq} appears twice in one batch")
             seen.add(seq)
+            draft = drafts.get(seq, ())
+            if draft and not tokens:
+                raise BadRequest(f"the draft of sequence {seq} follows no tokens")
             self.check_tokens(tokens)
-            if len(s.tokens) + len(tokens) > self.n_ctx:
+            self.check_tokens(draft)
+            n = len(tokens) + len(draft)
+            if len(s.tokens) + n > self.n_ctx:
                 raise BadRequest(f"sequence {seq} would exceed the context "
-                                 f"({len(s.tokens)} + {len(tokens)} > {self.n_ctx})")
-            total += len(tokens)
+                                 f"({len(s.tokens)} + {n} > {self.n_ctx})")
+            total += n
+        if set(drafts) - seen:
+            raise BadRequest("a draft for a sequence that is not in the batch")
         self._evaluations += 1
         if self.wedge_after is not None and self._evaluations > self.wedge_after:
             while True:  # fault injection: a decode that never returns (heartbeats go on)
@@ -215,8 +228,18 @@ class FakeBackend(Backend):
         for seq, tokens in batch:
             s = self._seqs[seq]
             s.tokens.extend(tokens)
+            s.draft = list(drafts.get(seq, ()))
             if tokens:
                 s.has_logits = True
+
+    def draft_accept(self, seq: int) -> None:
+        s = self._seq(seq)
+        if not s.draft:
+            raise BadRequest(f"sequence {seq} has no pending draft")
+        s.tokens.append(s.draft.pop(0))  # the scores follow from the tokens
+
+    def draft_reject(self, seq: int) -> None:
+        self._seq(seq).draft = []
 
     def seq_clear(self, seq: int) -> None:
         s = self._seq(seq)
@@ -346,13 +369,21 @@ class FakeBackend(Backend):
 
     # -- KV state --------------------------------------------------------------------
     def kv_pack(self, seq: int) -> bytes:
-        s = self._seq(seq)
-        if self.pack_delay:
-            time.sleep(self.pack_delay)
-        payload = struct.pack(f"<{len(s.tokens)}I", *s.tokens)
-        crc = zlib.crc32(payload, zlib.crc32(self.model_id))
-        return _KV_HEADER.pack(_KV_MAGIC, _KV_VERSION, 0, self.model_id, self.n_ctx,
-                               len(s.tokens), crc) + payload
+        return self.kv_snapshot(seq)()
+
+    def kv_snapshot(self, seq: int) -> Callable[[], bytes]:
+        tokens = list(self._seq(seq).tokens)
+        delay, model_id, n_ctx = self.pack_delay, self.model_id, self.n_ctx
+
+        def build() -> bytes:  # pack_delay is spent here: off the scheduler's loop
+            if delay:
+                time.sleep(delay)
+            payload = struct.pack(f"<{len(tokens)}I", *tokens)
+            crc = zlib.crc32(payload, zlib.crc32(model_id))
+            return _KV_HEADER.pack(_KV_MAGIC, _KV_VERSION, 0, model_id, n_ctx, len(tokens),
+                                   crc) + payload
+
+        return build
 
     def kv_unpack(self, seq: int, data: bytes) -> int:
         s = self._seq(seq)

@@ -701,7 +701,8 @@ class AsyncClient:
                        max_tokens: int, stop: Sequence[str] | str | None, add_special: bool,
                        parse_special: bool, ignore_eos: bool, stream: bool,
                        session: str | None, timeout: float | None, logprobs: int | None,
-                       keep_alive: float | None, sampling: dict[str, Any]) -> dict[str, Any]:
+                       keep_alive: float | None, sampling: dict[str, Any],
+                       speculative: str | None = "model") -> dict[str, Any]:
         if (prompt is None) == (tokens is None):
             raise BadRequest("give exactly one of prompt or tokens")
         if isinstance(stop, str):
@@ -715,6 +716,8 @@ class AsyncClient:
                 "session": session, "deadline_ms": deadline_ms, "logprobs": logprobs}
         if keep_alive is not None:
             args["keep_alive"] = keep_alive
+        if speculative != "model":  # None: off
+            args["speculative"] = "off" if speculative is None else speculative
         return args
 
     async def generate(self, model: str, prompt: str | None = None, *,
@@ -723,7 +726,7 @@ class AsyncClient:
                        add_special: bool = True, parse_special: bool = False,
                        ignore_eos: bool = False, session: str | None = None,
                        logprobs: int | None = None, keep_alive: float | None = None,
-                       resume: bool | None = None,
+                       resume: bool | None = None, speculative: str | None = "model",
                        timeout: float | None = None, **sampling: Any) -> Completion:
         """Generate a completion. ``sampling`` takes SamplingParams fields
         (temperature=0 is greedy; grammar=GBNF; json_schema=...). ``session``
@@ -731,10 +734,14 @@ class AsyncClient:
         ``logprobs=N`` reports each token's logprob and its N likeliest
         alternatives in ``Completion.logprobs``. ``keep_alive`` (seconds, -1:
         forever) is how long the model stays loaded once idle. ``resume``
-        overrides the client's: resubmit if the worker dies (``stats.resumed``)."""
+        overrides the client's: resubmit if the worker dies (``stats.resumed``).
+        ``speculative="lookup"`` drafts tokens by prompt lookup (``"draft"``: with the
+        model's draft_model) and verifies them in the batch (same output;
+        ``stats.drafted_tokens``/``accepted_tokens``), None turns it off, the default
+        "model" follows the model's configuration."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
                                    parse_special, ignore_eos, False, session, timeout,
-                                   logprobs, keep_alive, sampling)
+                                   logprobs, keep_alive, sampling, speculative)
         raw, resumed = await self._request(model, "generate", args, timeout, resume)
         result = Completion.from_wire(raw)
         result.stats.resumed = resumed
@@ -746,7 +753,7 @@ class AsyncClient:
                add_special: bool = True, parse_special: bool = False,
                ignore_eos: bool = False, session: str | None = None,
                logprobs: int | None = None, keep_alive: float | None = None,
-               resume: bool | None = None,
+               resume: bool | None = None, speculative: str | None = "model",
                timeout: float | None = None, **sampling: Any) -> AsyncStream:
         """Like :meth:`generate`, but an async iterator of text deltas (with
         ``logprobs``, each chunk's entries are appended to ``AsyncStream.logprobs``).
@@ -754,7 +761,7 @@ class AsyncClient:
         tokens it already produced (no text is repeated)."""
         args = self._generate_args(prompt, tokens, seq, max_tokens, stop, add_special,
                                    parse_special, ignore_eos, True, session, timeout,
-                                   logprobs, keep_alive, sampling)
+                                   logprobs, keep_alive, sampling, speculative)
         return AsyncStream(self, model, args, timeout,
                            self.resume if resume is None else resume)
 

@@ -36,6 +36,17 @@ WORKER_OPTIONS: dict[str, Field] = {
                                        "directory)"),
     "stream_interval_ms": Field((int, float), default=50, min=0,
                                 doc="coalesce streamed deltas (0: every token)"),
+    "speculative": Field((str,), choices=("off", "lookup", "draft"),
+                         doc="speculative decoding: lookup drafts from the prompt and the "
+                             "output so far, or draft (the draft_model's), verified in the "
+                             "same batch (output unchanged); default: draft with a "
+                             "draft_model, else off"),
+    "draft_model": Field((str,), doc="a small GGUF sharing the model's vocabulary, loaded "
+                                     "in the same worker to draft tokens"),
+    "draft_min": Field((int,), default=2, min=1, max=256,
+                       doc="shortest draft worth verifying (speculative)"),
+    "draft_max": Field((int,), default=16, min=1, max=256,
+                       doc="longest draft (speculative); the length adapts in between"),
     "stall_timeout_s": Field((int, float), default=30.0, min=0.1,
                              doc="a client that reads none of its queued replies for this "
                                  "long has its generations cancelled (they are paused "
@@ -374,6 +385,16 @@ def _model_from(name: str, table: dict[str, Any], sup: SupervisorConfig,
         raise ConfigError(f"[models.{name}.sampling] {exc.message}") from None
     worker = fields.parse(WORKER_OPTIONS, {k: opts.pop(k) for k in list(opts)
                                            if k in WORKER_OPTIONS}, where)
+    if worker["draft_model"] is not None:
+        worker["draft_model"] = str(_resolve(Path(worker["draft_model"]).expanduser(),
+                                             base_dir))
+    if worker["speculative"] is None:
+        worker["speculative"] = "off" if worker["draft_model"] is None else "draft"
+    if worker["speculative"] == "draft" and worker["draft_model"] is None:
+        raise ConfigError(f"{where}: speculative = 'draft' needs a draft_model")
+    if worker["draft_min"] > worker["draft_max"]:
+        raise ConfigError(f"{where}: draft_min ({worker['draft_min']}) is above draft_max "
+                          f"({worker['draft_max']})")
     life = fields.parse(LIFECYCLE_OPTIONS, {k: opts.pop(k) for k in list(opts)
                                             if k in LIFECYCLE_OPTIONS}, where)
     life["load"] = life["load"].lower()

@@ -39,6 +39,11 @@ class BadRequest(LlamafleetError):
     code = "bad_request"
 
 
+class IncompatibleModels(BadRequest):
+    """Two models that must work together do not (a draft model whose vocabulary is
+    not the target's); a ``bad_request`` on the wire."""
+
+
 class NotFound(LlamafleetError):
     """The named model, sequence, adapter or request does not exist."""
     code = "not_found"
@@ -144,5 +149,5 @@ def error_from_wire(obj: Any) -> LlamafleetError:
 
 
 __all__ = ["LlamafleetError", "ERROR_TYPES", "error_from_wire", "SetupError", "ConfigError",
-           "AlreadyRunning"] + [
+           "AlreadyRunning", "IncompatibleModels"] + [
     c.__name__ for c in ERROR_TYPES.values()]

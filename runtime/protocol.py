@@ -248,6 +248,9 @@ class CompletionStats(Message):
     tokens_per_s: float | None = None
     #: times the client resubmitted this generation after its worker died
     resumed: int = 0
+    #: speculative decoding: draft tokens verified, and those the target kept
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass
@@ -282,6 +285,8 @@ class WorkerMetrics(Message):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     kv_used_tokens: int = 0
@@ -658,6 +663,9 @@ def _generations(v: Any) -> str | None:
         return "lists at most 256 generations"
     return None if all(_is_int(g) and g >= 0 for g in v) else "must be generation numbers"
 
+#: a generate's ``speculative`` values ("model": what the model's configuration says)
+SPECULATIVE_MODES = ("model", "lookup", "draft", "off")
+
 _TEXT = Field(STR, check=_max_len(MAX_TEXT_CHARS))
 _TOKENS = Field(LIST, check=_token_list)
 _SAMPLING = Field(MAP, default=None, nullable=True)
@@ -703,7 +711,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
         # prompt in the KV and count as output (the client resumes a stream with them)
         "continue_tokens": Field(LIST, default=(), check=_token_list),
         # how long the model stays loaded once idle (seconds; -1: never unloaded)
-        "keep_alive": _KEEP_ALIVE},
+        "keep_alive": _KEEP_ALIVE,
+        # speculative decoding: "model" (the model's speculative option), "lookup"
+        # (prompt lookup), "draft" (the model's draft_model) or "off"; the output is
+        # the same either way
+        "speculative": Field(STR, default="model", choices=SPECULATIVE_MODES)},
         streaming=True, one_of=("prompt", "tokens"), reply=Completion),
     Command("kv_pack", "worker", {"seq": _SEQ}, reply=KvBlob),
     Command("kv_unpack", "worker", {

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from llamafleet.client import Client
+from llamafleet.client import Client, Stream
 from llamafleet.runtime.errors import Overloaded, RequestTimeout
 from tests.conftest import kill, wait_for, worker_pid
 
@@ -61,33 +63,66 @@ def test_queue_limit_answers_overloaded_at_once(fleet) -> None:
         assert queued.result.stats.queue_ms > 0
 
 
+@contextlib.contextmanager
+def watched(stream: Stream) -> Iterator[list[float]]:
+    """Consume a running stream on a thread; yields the arrival times of its deltas
+    (cancelled on exit)."""
+    next(stream)
+    seen: list[float] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        for _ in stream:
+            seen.append(time.monotonic())
+            if done.is_set():
+                break
+
+    t = threading.Thread(target=consume)
+    t.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        t.join(10)
+        stream.cancel()
+
+
 def test_a_long_prompt_does_not_stall_running_streams(fleet) -> None:
     sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 2, "n_batch": 16,
                           "token_delay": 0.01, "n_ctx": 4096, "stream_interval_ms": 0}})
     with Client(sup.address, timeout=60) as c:
-        stream = c.stream("tiny", "go", max_tokens=400, ignore_eos=True, temperature=0)
-        next(stream)
-        seen: list[float] = []
-        done = threading.Event()
-
-        def consume() -> None:
-            for _ in stream:
-                seen.append(time.monotonic())
-                if done.is_set():
-                    break
-
-        t = threading.Thread(target=consume)
-        t.start()
-        t0 = time.monotonic()
-        long = c.generate("tiny", "x" * 1500, max_tokens=1, temperature=0)  # ~95 chunks
-        t1 = time.monotonic()
-        done.set()
-        t.join(10)
-        stream.cancel()
+        with watched(c.stream("tiny", "go", max_tokens=400, ignore_eos=True,
+                              temperature=0)) as seen:
+            t0 = time.monotonic()
+            long = c.generate("tiny", "x" * 1500, max_tokens=1, temperature=0)  # ~95 chunks
+            t1 = time.monotonic()
         during = [s for s in seen if t0 <= s <= t1]
         assert long.stats.prompt_tokens == 1501
         # the running stream kept producing tokens during the whole chunked prefill
         assert len(during) > 40
+
+
+def test_publishing_a_finished_request_does_not_stall_running_streams(fleet) -> None:
+    # pack_delay makes building each finished sequence's cache blob take 0.8 s: off the
+    # loop, the running stream goes on meanwhile, and the session's reply waits for it
+    sup = fleet({"tiny": {"backend": "fake", "n_seq_max": 2, "token_delay": 0.01,
+                          "pack_delay": 0.8, "cache_min_tokens": 8, "stream_interval_ms": 0}})
+    with Client(sup.address, timeout=60) as c:
+        history = "user: keep this conversation for later, please\nassistant:"
+        with watched(c.stream("tiny", "go", max_tokens=2000, ignore_eos=True,
+                              temperature=0)) as seen:
+            t0 = time.monotonic()
+            turn = c.generate("tiny", history, max_tokens=3, temperature=0, session="s")
+            t1 = time.monotonic()
+        assert turn.session_saved is True
+        assert t1 - t0 >= 0.8  # the reply came after its KV was persisted
+        during = [s for s in seen if t0 + 0.1 <= s <= t1]
+        # ~70 tokens at 10 ms in the 0.7 s of the publish; on the loop it would be none
+        assert len(during) > 20
+        # persisted: the next turn restores it
+        again = c.generate("tiny", history + turn.text + "\nuser: more\nassistant:",
+                           max_tokens=2, temperature=0, session="s")
+        assert again.stats.cached_tokens >= len(c.tokenize("tiny", history)) + 2
 
 
 def test_deadline_ends_a_request_on_the_worker(fleet) -> None:

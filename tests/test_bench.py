@@ -45,6 +45,19 @@ def test_top_level(doc: dict) -> None:
     assert doc["goals"]["c8_vs_llama_server"]["spread"] is None
 
 
+def test_speculative(doc: dict) -> None:
+    sp = doc["speculative"]
+    assert sp["rounds"] >= 3
+    for name in ("grounded", "free"):
+        row = sp[name]
+        assert len(row["ratios"]) == sp["rounds"] and all(_positive(x) for x in row["ratios"])
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        assert row["drafted_tokens"] >= row["accepted_tokens"] >= 0
+    assert sp["lookup_ratio"] == sp["grounded"]["ratio"]
+    assert isinstance(sp["same_tokens"], bool)
+    assert doc["goals"]["speculative_lookup"]["value"] == sp["lookup_ratio"]
+
+
 def test_single_stream(doc: dict) -> None:
     ss = doc["single_stream"]
     for key in ("tokens_per_s", "inprocess_tokens_per_s", "ratio", "client_tokens_per_s"):

@@ -390,6 +390,19 @@ def test_kv_roundtrip_continuation(be: LlamaBackend) -> None:
     assert head + rest == ref
 
 
+def test_kv_snapshot_reads_now_and_builds_later(be: LlamaBackend) -> None:
+    prompt = be.tokenize("a snapshot is read at once and sealed elsewhere")
+    be.evaluate([(0, prompt)])
+    packed = be.kv_pack(0)
+    build = be.kv_snapshot(0)
+    # the sequence is cleared and its cells reused before the blob is built
+    be.seq_clear(0)
+    be.evaluate([(0, be.tokenize("something else entirely, and longer than before"))])
+    blob = build()
+    assert blob == packed
+    assert be.kv_unpack(1, blob) == len(prompt) and be.seq_tokens(1) == prompt
+
+
 def test_kv_blob_refusals(be: LlamaBackend, files: dict[str, pathlib.Path]) -> None:
     be.evaluate([(0, be.tokenize("hello world"))])
     blob = be.kv_pack(0)
@@ -558,5 +571,215 @@ def test_smollm2_chat() -> None:
                   "required": ["answer"], "additionalProperties": False}
         out = generate(b, 0, toks, 40, SamplingParams(temperature=0.0, json_schema=schema))
         assert isinstance(json.loads(b.detokenize(out))["answer"], int)
+    finally:
+        b.close()
+
+
+# -- speculative decoding: drafts verified in one decode ----------------------------------
+def test_draft_accept_and_reject_leave_exactly_the_kept_tokens(be: LlamaBackend) -> None:
+    prompt = be.tokenize("the world is a place where")
+    ref = generate(be, 0, prompt, 8)
+    # the true continuation's first three tokens, then two wrong ones, as a draft
+    wrong = (ref[3] + 1) % be.n_vocab
+    be.seq_clear(1)
+    be.set_sampling(1, GREEDY)
+    be.evaluate([(1, prompt[:-1])])
+    be.evaluate_drafts([(1, prompt[-1:]), (2, be.tokenize("another sequence"))],
+                       {1: ref[:3] + [wrong, wrong]})
+    assert be.seq_len(1) == len(prompt) and be.seq_len(2) > 0
+    kept = []
+    for d in ref[:3] + [wrong]:
+        t = be.sample(1)
+        kept.append(t)
+        if t != d:
+            break
+        be.draft_accept(1)
+    assert kept == ref[:4]  # three kept, the fourth corrected
+    be.draft_reject(1)
+    assert be.seq_tokens(1) == prompt + ref[:3]
+    # no cell of the rejected draft is left: the KV holds exactly these positions
+    assert be._ctx.seq_pos_max(1) == len(prompt) + 2
+    be.evaluate([(1, [kept[-1]])])
+    rest = [kept[-1]]
+    for _ in range(4):
+        t = be.sample(1)
+        rest.append(t)
+        be.evaluate([(1, [t])])
+    assert ref[:3] + rest == ref[:8]
+    # and its KV round-trips
+    blob = be.kv_pack(1)
+    assert be.kv_unpack(3, blob) == be.seq_len(1) and be.seq_tokens(3) == be.seq_tokens(1)
+
+
+def test_draft_errors_are_bad_requests(be: LlamaBackend) -> None:
+    toks = be.tokenize("hello")
+    with pytest.raises(BadRequest, match="follows no tokens"):
+        be.evaluate_drafts([(0, toks)], {1: toks})
+    with pytest.raises(BadRequest, match="out of range"):
+        be.evaluate_drafts([(0, toks)], {0: [be.n_vocab]})
+    with pytest.raises(BadRequest, match="exceed the context"):
+        be.evaluate_drafts([(0, toks)], {0: [toks[0]] * 300})
+    assert be.seq_len(0) == 0  # nothing changed
+    with pytest.raises(BadRequest, match="no pending draft"):
+        be.draft_accept(0)
+    be.draft_reject(0)  # nothing to drop is fine
+
+
+def test_scheduler_lookup_output_equals_plain_on_a_tiny_model(be: LlamaBackend) -> None:
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
+    from llamafleet.worker.speculative import SpecConfig
+
+    sent: dict[int, object] = {}
+    sched = Scheduler(be, send=lambda p, r, o: sent.__setitem__(r, o), max_queue=8,
+                      stream_interval=0)
+    # a random model's greedy output soon repeats itself: lookup finds it
+    prompt = be.tokenize("the world is a place where")
+
+    def run(req: int, spec: SpecConfig | None, **kw: object) -> object:
+        sched.submit(Generation(peer=b"p", req_id=req, stream=False, prompt_tokens=prompt,
+                                params=SamplingParams(**kw), max_tokens=150, stop=[],
+                                ignore_eos=True, seq=None, deadline=None, session=None,
+                                speculative=spec))
+        while sched.busy:
+            sched.tick()
+        return sent[req]
+
+    for i, kw in enumerate([{"temperature": 0.0}, {"temperature": 0.8, "seed": 11}]):
+        plain = run(10 * i + 1, None, **kw)
+        spec = run(10 * i + 2, SpecConfig(draft_min=2, draft_max=8), **kw)
+        assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
+        if i == 0:
+            assert spec.stats.accepted_tokens > 10  # type: ignore[attr-defined]
+
+
+# -- speculative decoding with a draft model ------------------------------------------------
+def _draft_run(target: LlamaBackend, draft_path: str, prompt: list[int], n: int,
+               **sampling: object) -> tuple[object, object]:
+    """(plain, drafted) completions of ``prompt`` on ``target``, the draft model loaded
+    from ``draft_path`` with the target's context shape."""
+    from llamafleet.worker.draft_model import DraftModel, check_vocabularies, draft_options
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
+    from llamafleet.worker.speculative import SpecConfig
+
+    draft = LlamaBackend(draft_options(target.options, draft_path))
+    draft.load()
+    try:
+        check_vocabularies(target, draft)
+        dm = DraftModel(draft)
+        sent: dict[int, object] = {}
+        sched = Scheduler(target, send=lambda p, r, o: sent.__setitem__(r, o), max_queue=8,
+                          stream_interval=0)
+        spec = SpecConfig(method="draft", draft_min=1, draft_max=8, model=dm)
+        for req, cfg in ((1, None), (2, spec)):
+            sched.submit(Generation(peer=b"p", req_id=req, stream=False, prompt_tokens=prompt,
+                                    params=SamplingParams(**sampling), max_tokens=n, stop=[],
+                                    ignore_eos=True, seq=None, deadline=None, session=None,
+                                    speculative=cfg))
+            while sched.busy:
+                sched.tick()
+        assert all(draft.seq_len(s) == 0 for s in range(draft.n_seq_max))  # released
+        return sent[1], sent[2]
+    finally:
+        draft.close()
+
+
+def test_a_draft_model_drafts_and_the_output_is_the_targets(
+        be: LlamaBackend, files: dict[str, pathlib.Path]) -> None:
+    prompt = be.tokenize("the world is a place where")
+    # the model as its own draft: greedy drafts are (nearly) all kept
+    plain, spec = _draft_run(be, str(files["model"]), prompt, 60, temperature=0.0)
+    assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
+    st = spec.stats  # type: ignore[attr-defined]
+    assert st.drafted_tokens > 20 and st.accepted_tokens >= 0.9 * st.drafted_tokens
+    # another model with the same vocabulary: drafts get rejected, the output stays
+    for sampling in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 4}):
+        plain, spec = _draft_run(be, str(files["other"]), prompt, 60, **sampling)
+        assert spec.tokens == plain.tokens  # type: ignore[attr-defined]
+        assert spec.stats.drafted_tokens > 0  # type: ignore[attr-defined]
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(be: LlamaBackend) -> None:
+    from llamafleet.runtime.errors import IncompatibleModels
+    from llamafleet.worker.draft_model import check_vocabularies
+
+    smol = _smollm_path()
+    if smol is None:
+        pytest.skip("SmolLM2 is not installed")
+    other = _make(smol, n_ctx=256)
+    try:
+        with pytest.raises(IncompatibleModels, match="does not share the vocabulary"):
+            check_vocabularies(be, other)
+    finally:
+        other.close()
+
+
+def test_smollm_as_its_own_draft_keeps_its_greedy_drafts() -> None:
+    smol = _smollm_path()
+    if smol is None:
+        pytest.skip("SmolLM2 is not installed")
+    target = _make(smol, n_ctx=512, n_seq_max=1, n_batch=512, n_ubatch=512)
+    try:
+        prompt = target.tokenize("The capital of France is Paris. The capital of Italy is")
+        plain, spec = _draft_run(target, smol, prompt, 40, temperature=0.0)
+        st = spec.stats  # type: ignore[attr-defined]
+        assert st.drafted_tokens > 10 and st.accepted_tokens >= 0.9 * st.drafted_tokens
+        assert spec.tokens[:20] == plain.tokens[:20]  # type: ignore[attr-defined]
+    finally:
+        target.close()
+
+
+def test_eight_speculating_sequences_match_their_solo_plain_runs(
+        files: dict[str, pathlib.Path]) -> None:
+    """Lookup drafts of eight sequences verified in shared batches, with a grammar and
+    with stop strings: each output equals its plain run alone."""
+    from llamafleet.worker.generation import Generation
+    from llamafleet.worker.scheduler import Scheduler
+    from llamafleet.worker.speculative import SpecConfig
+
+    b = _make(files["model"], n_seq_max=8)
+    try:
+        sent: dict[int, object] = {}
+        sched = Scheduler(b, send=lambda p, r, o: sent.__setitem__(r, o), max_queue=16,
+                          stream_interval=0)
+        prompts = [b.tokenize(f"the world number {i} is a place where") for i in range(8)]
+
+        def submit(req: int, prompt: list[int], spec: SpecConfig | None, stop: list[str],
+                   **kw: object) -> None:
+            sched.submit(Generation(peer=b"p", req_id=req, stream=True, prompt_tokens=prompt,
+                                    params=SamplingParams(temperature=0.0, **kw),
+                                    max_tokens=80, stop=stop, ignore_eos=True, seq=None,
+                                    deadline=None, session=None, speculative=spec))
+
+        def drain() -> None:
+            while sched.busy:
+                sched.tick()
+
+        for case, kw in enumerate([{}, {"grammar": "root ::= [a-z ]+"}, {}]):
+            solo = []
+            for i, p in enumerate(prompts):
+                submit(1000 * case + i, p, None, [], **kw)
+                drain()
+                solo.append(sent[1000 * case + i])
+            # the third case stops each at a string from the middle of its solo text
+            stops = [[s.text[90:94]] if case == 2 else [] for s in solo]  # type: ignore[attr-defined]
+            if case == 2:
+                solo = []
+                for i, p in enumerate(prompts):
+                    submit(1000 * case + 50 + i, p, None, stops[i])
+                    drain()
+                    solo.append(sent[1000 * case + 50 + i])
+            for i, p in enumerate(prompts):
+                submit(1000 * case + 100 + i, p, SpecConfig(draft_min=2, draft_max=8),
+                       stops[i], **kw)
+            drain()
+            spec = [sent[1000 * case + 100 + i] for i in range(8)]
+            assert [(s.tokens, s.text, s.finish_reason) for s in spec] == \
+                [(s.tokens, s.text, s.finish_reason) for s in solo]  # type: ignore[attr-defined]
+            kept = sum(s.stats.accepted_tokens for s in spec)  # type: ignore[attr-defined]
+            assert kept > (0 if case == 2 else 50)
+            if case == 2:
+                assert all(s.finish_reason == "stop" for s in spec)  # type: ignore[attr-defined]
     finally:
         b.close()

@@ -83,11 +83,11 @@ def test_decode_through_the_owners(files: dict[str, pathlib.Path]) -> None:
         batch = native.LlamaBatch(model.ffi, ctx.n_batch)
         history: list[list[int]] = [[], [7, 8]]
         n, outs = batch.fill_small([(0, [5, 6]), (1, [9])], history)
-        assert (n, outs) == (3, [(0, 1), (1, 2)])
+        assert (n, outs) == (3, [(0, 0, 1), (1, 0, 2)])  # (seq, output 0, batch index)
         assert list(batch.np_pos[:3]) == [0, 1, 2] and list(batch.np_logits[:3]) == [0, 1, 1]
         n, outs = batch.fill_small([(0, [5, 6]), (1, [9])], [[], []])
         assert ctx.decode(batch, n) == 0
-        row = ctx.logits_ith(outs[0][1])
+        row = ctx.logits_ith(outs[0][2])
         assert row is not None and row.shape == (model.n_vocab,)
         assert ctx.seq_pos_max(0) == 1 and ctx.seq_pos_max(1) == 0
         blob = ctx.state_seq_get(0)

@@ -38,7 +38,8 @@ HISTOGRAMS = {"ttft_seconds": "llamafleet_time_to_first_token_seconds",
               "queue_seconds": "llamafleet_request_queue_time_seconds",
               "prompt_tokens": "llamafleet_request_prompt_tokens",
               "generation_tokens": "llamafleet_request_generation_tokens"}
-COUNTERS = ["prompt_tokens", "cached_prompt_tokens", "generation_tokens", "requests_finished",
+COUNTERS = ["prompt_tokens", "cached_prompt_tokens", "generation_tokens",
+            "speculative_drafted_tokens", "speculative_accepted_tokens", "requests_finished",
             "requests_failed", "prefix_cache_queries", "prefix_cache_hits", "worker_restarts",
             "http_requests"]
 GAUGES = ["requests_running", "requests_waiting", "worker_state", "worker_load_seconds",

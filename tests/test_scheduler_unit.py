@@ -64,6 +64,8 @@ class Rig:
         for _ in range(max_ticks):
             if not self.sched.busy:
                 return
+            if not self.sched.running and not self.sched.queue:
+                time.sleep(0.001)  # results wait for the publisher thread
             self.sched.tick()
         raise AssertionError("scheduler did not go idle")
 
@@ -438,3 +440,73 @@ def test_session_entry_is_measured_against_the_prompt() -> None:
     assert tokens == prompt + res.tokens and res.session_saved is True
     # another session: no hit, full prefill
     assert rig.complete(2, prompt, session="other", max_tokens=4).stats.cached_tokens == 0
+
+
+class BlockingCache:
+    """A KVCache whose ``insert`` (on the publisher thread) waits for ``release``."""
+
+    min_tokens = 4
+
+    def __init__(self) -> None:
+        import threading
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.inserted: list[tuple[list[int], bytes, str | None]] = []
+
+    def lookup(self, namespace: str, tokens: Sequence[int]) -> CacheHit | None:
+        return None
+
+    def session_entry(self, namespace: str, session: str) -> CacheHit | None:
+        return None
+
+    def insert(self, namespace: str, tokens: Sequence[int], blob: bytes, *,
+               session: str | None = None, durable: bool = False) -> None:
+        self.entered.set()
+        assert self.release.wait(10)
+        self.inserted.append((list(tokens), blob, session))
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def test_publish_runs_off_the_loop_and_the_reply_waits_for_it() -> None:
+    cache = BlockingCache()
+    rig = Rig(cache=cache)
+    long = rig.submit(1, max_tokens=200)
+    short = rig.submit(2, max_tokens=3, session="chat")
+    queued = rig.submit(3, max_tokens=2)  # waits for a slot: the one `short` frees
+    while not cache.entered.is_set():
+        rig.sched.tick()
+    short_seq = short.seq
+    assert short.done and 2 not in rig.results()
+    # the slot was freed once its KV had been read, and the queued request took it
+    rig.sched.tick()
+    assert queued.seq == short_seq
+    # the loop goes on while the publish is stuck: the long stream keeps decoding
+    before = len(long.tokens)
+    for _ in range(20):
+        rig.sched.tick()
+    assert len(long.tokens) >= before + 20
+    assert 2 not in rig.results() and rig.sched.busy and rig.sched.inflight() >= 2
+    cache.release.set()
+    rig.run()
+    res = rig.results()
+    assert res[2].session_saved is True and res[2].tokens == short.tokens
+    # sent only after the insert returned, with the KV the sequence held
+    (tokens, blob, session), *_ = cache.inserted
+    assert session == "chat" and tokens == short.prompt_tokens + short.tokens
+    other = Rig()
+    assert other.be.kv_unpack(0, blob) == len(tokens) and other.be.seq_tokens(0) == tokens
+    assert set(res) == {1, 2, 3}
+
+
+def test_a_failed_publish_still_replies() -> None:
+    class Broken(BlockingCache):
+        def insert(self, namespace: str, tokens: Sequence[int], blob: bytes, *,
+                   session: str | None = None, durable: bool = False) -> None:
+            raise OSError(28, "No space left on device")
+
+    rig = Rig(cache=Broken())
+    res = rig.complete(1, max_tokens=3, session="chat")
+    assert res.session_saved is False and "No space" in (res.session_error or "")
+    rig.sched.close()

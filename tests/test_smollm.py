@@ -90,6 +90,24 @@ def test_greedy_chat_answers_two_plus_two_the_same_way_twice(client: Client) -> 
     assert "".join(streamed) == a.text and streamed.tokens == a.tokens
 
 
+LIGHTHOUSE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He "
+              "trimmed the wick, polished the great lens, and watched the ships pass along the "
+              "rocky coast. In winter the storms came from the north, and the waves broke white "
+              "against the cliffs below the tower.")
+
+
+def test_lookup_speculation_gives_the_same_greedy_tokens(client: Client) -> None:
+    """An input-grounded prompt: the answer copies the text, which lookup drafts."""
+    msgs = user("Repeat this text exactly:\n\n" + LIGHTHOUSE)
+    plain = client.chat("smol", msgs, max_tokens=60, temperature=0, speculative=None)
+    spec = client.chat("smol", msgs, max_tokens=60, temperature=0, speculative="lookup")
+    assert spec.tokens == plain.tokens and spec.text == plain.text
+    assert "lighthouse keeper climbed" in spec.text
+    assert plain.stats.drafted_tokens == 0
+    assert spec.stats.drafted_tokens >= spec.stats.accepted_tokens > 10
+    assert client.metrics("smol").accepted_tokens >= spec.stats.accepted_tokens
+
+
 def test_kv_round_trip_continues_identically(client: Client) -> None:
     prompt = client.apply_chat_template("smol", user("Tell me about the moon."), system=SYSTEM)
     toks = client.tokenize("smol", prompt, add_special=False, parse_special=True)

@@ -130,6 +130,8 @@ class Rig:
         for _ in range(10_000):
             if not self.sched.busy:
                 return
+            if not self.sched.running and not self.sched.queue:
+                time.sleep(0.001)  # results wait for the publisher thread
             self.sched.tick()
         raise AssertionError("scheduler did not go idle")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from llamafleet.runtime.protocol import Completion, CompletionStats, TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
+from llamafleet.worker.speculative import SpecConfig, make_drafter
 from llamafleet.worker.textstream import TextStream
 
 
@@ -17,6 +18,8 @@ class GenerationStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     t_received: float = field(default_factory=time.perf_counter)
     t_admitted: float | None = None
     t_first_token: float | None = None
@@ -33,7 +36,8 @@ class GenerationStats:
                                cached_tokens=self.cached_tokens,
                                generated_tokens=self.generated_tokens, queue_ms=queued,
                                ttft_ms=ttft, total_ms=(end - self.t_received) * 1e3,
-                               tokens_per_s=tps)
+                               tokens_per_s=tps, drafted_tokens=self.drafted_tokens,
+                               accepted_tokens=self.accepted_tokens)
 
 
 class Generation:
@@ -48,7 +52,8 @@ class Generation:
                  seq: int | None, deadline: float | None, session: str | None,
                  model: str = "", logprobs: int | None = None,
                  continued: list[int] | None = None,
-                 continued_pieces: list[bytes] | None = None) -> None:
+                 continued_pieces: list[bytes] | None = None,
+                 speculative: SpecConfig | None = None) -> None:
         self.peer = peer
         self.req_id = req_id
         self.stream = stream
@@ -95,6 +100,11 @@ class Generation:
         #: for a session: whether its KV was persisted, and why not
         self.session_saved: bool | None = None
         self.session_error: str | None = None
+        #: proposes draft tokens (None: this generation does not speculate)
+        self.drafter = None if speculative is None else \
+            make_drafter(speculative, [*prompt_tokens, *self.tokens])
+        #: the draft evaluated after ``pending`` in the current tick
+        self.draft: list[int] = []
 
     @property
     def key(self) -> tuple[bytes, int]:

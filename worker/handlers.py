@@ -87,7 +87,8 @@ def metrics(w: Worker, a: Args, caller: Key) -> protocol.WorkerMetrics:
         model=w.spec.model, pid=os.getpid(), generation=w.spec.generation,
         requests_running=len(sched.running), requests_waiting=len(sched.queue),
         prompt_tokens=c.prompt_tokens, cached_tokens=c.cached_tokens,
-        generated_tokens=c.generated_tokens, prefix_cache_queries=c.prefix_cache_queries,
+        generated_tokens=c.generated_tokens, drafted_tokens=c.drafted_tokens,
+        accepted_tokens=c.accepted_tokens, prefix_cache_queries=c.prefix_cache_queries,
         prefix_cache_hits=c.prefix_cache_hits,
         kv_used_tokens=sum(b.seq_len(s) for s in range(b.info().n_seq_max)),
         kv_capacity_tokens=b.info().n_ctx, finished=dict(c.finish_reasons),
@@ -267,7 +268,8 @@ def generate(w: Worker, a: Args, caller: Key) -> None:
         stop=a["stop"], ignore_eos=a["ignore_eos"], seq=a["seq"], deadline=deadline,
         session=a["session"], model=w.spec.model, logprobs=a["logprobs"],
         continued=continued,
-        continued_pieces=[b.token_to_piece(t, special=False) for t in continued]))
+        continued_pieces=[b.token_to_piece(t, special=False) for t in continued],
+        speculative=w.speculative(a["speculative"])))
     return None
 
 

@@ -61,6 +61,8 @@ class WorkerCounters:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.generated_tokens = 0
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.finish_reasons: Counter[str] = Counter()
@@ -80,6 +82,8 @@ class WorkerCounters:
         self.prompt_tokens += stats.prompt_tokens
         self.cached_tokens += stats.cached_tokens
         self.generated_tokens += stats.generated_tokens
+        self.drafted_tokens += stats.drafted_tokens
+        self.accepted_tokens += stats.accepted_tokens
         h = self.histograms
         h["e2e_seconds"].observe(stats.total_ms / 1e3)
         if stats.queue_ms is not None:

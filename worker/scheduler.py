@@ -12,14 +12,32 @@ With a prefix cache, a request whose prompt shares a long enough prefix with
 a cached KV state restores it (``kv_unpack`` + ``seq_truncate``) and prefills
 only the rest; finished requests publish their state back to the cache, and
 named sessions publish durably so a restarted worker resumes them.
+
+Publishing is split so that it never stalls the other streams: the tick reads
+the finished sequence's KV (``backend.kv_snapshot``, the only part that touches
+the context, a few milliseconds) and frees its slot; a publisher thread builds
+the blob (header, checksum) and inserts it into the cache (for a session:
+written and fsync'ed). The generation's result is sent only once that is done,
+so a reply still means "in the cache", and for a session "persisted".
+
+Speculative decoding (a generation with a drafter, see ``worker.speculative``)
+adds a draft after a sequence's decode token in the same batch; after the
+evaluation the sequence is sampled position by position with its own sampler,
+keeping draft tokens while they equal what it sampled (the longest accepted
+prefix plus the corrected or bonus token); the backend drops the rest of the
+draft's KV cells. Everything that ends or shapes a generation (EOG, stop
+strings, max_tokens, grammar, penalties, logprobs) runs per token, as without
+speculation.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from llamafleet.backends.base import Backend
@@ -36,6 +54,7 @@ from llamafleet.runtime.protocol import Completion, StreamChunk
 from llamafleet.worker.generation import Generation
 from llamafleet.worker.metrics import WorkerCounters
 from llamafleet.worker.prefix_cache import CacheHit, common_prefix_tokens, tok_bytes
+from llamafleet.worker.speculative import verify_draft
 
 log = logging.getLogger("llamafleet.worker.scheduler")
 
@@ -63,15 +82,18 @@ class Scheduler:
     def __init__(self, backend: Backend, *, send: Send, max_queue: int, stream_interval: float,
                  cache: KVCache | None = None,
                  wake_watcher: Callable[[], None] | None = None,
-                 paused: Callable[[bytes], bool] | None = None) -> None:
+                 paused: Callable[[bytes], bool] | None = None,
+                 wake: Callable[[], None] | None = None) -> None:
         """``max_queue`` and ``stream_interval`` (seconds) are the model's worker options
         (``config.WORKER_OPTIONS``: their defaults live there). ``paused(peer)`` tells
         whose generations wait (their client is not reading its replies): they keep
-        their slot and KV but get no tokens until it turns False."""
+        their slot and KV but get no tokens until it turns False. ``wake()`` (any
+        thread) gets the worker's loop to tick: a published result is ready."""
         info = backend.info()
         self.backend = backend
         self.n_seq_max = info.n_seq_max
         self.n_batch = max(1, info.n_batch)
+        self.n_ctx = info.n_ctx
         self.max_queue = max_queue
         self.cache = cache
         #: seconds over which streamed deltas are coalesced (0: one chunk per token)
@@ -95,12 +117,20 @@ class Scheduler:
         self._flush_at = 0.0
         #: a generation with a deadline may be queued or running (cleared by _expire)
         self._timed = False
+        self._wake = wake
+        #: finished generations whose KV the publisher thread is still caching
+        self._publishing = 0
+        #: ... and those it is done with (appended by that thread; results to send)
+        self._published: deque[Generation] = deque()
+        self._publisher: ThreadPoolExecutor | None = None
+        self._publisher_lock = threading.Lock()
 
     # -- requests ------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        """Work is queued or running (the worker keeps ticking)."""
-        return bool(self.queue or self.running)
+        """Work is queued or running, or results wait for their KV to be cached (the
+        worker keeps ticking)."""
+        return bool(self.queue or self.running or self._publishing)
 
     @property
     def active(self) -> bool:
@@ -112,7 +142,7 @@ class Scheduler:
         return any(not paused(g.peer) for g in self.running.values())
 
     def inflight(self) -> int:
-        return len(self.queue) + len(self.running)
+        return len(self.queue) + len(self.running) + self._publishing
 
     def owner(self, seq: int) -> int | None:
         """Request id of the generation using ``seq`` (None when free)."""
@@ -215,6 +245,8 @@ class Scheduler:
                 self._restore_prefix(g)
             # after the restore: restoring may reset the sequence's sampler
             self.backend.set_sampling(seq, g.params)
+            if g.drafter is not None:
+                g.drafter.bind(seq)
             if g.continued:
                 self.backend.accept(seq, g.continued)
         except BaseException:
@@ -271,6 +303,7 @@ class Scheduler:
     def tick(self) -> None:
         """Admit, evaluate one batch, sample, stream."""
         self.ticks += 1
+        self._deliver_published()
         self._expire()
         self._admit()
         if not self.running:
@@ -284,10 +317,24 @@ class Scheduler:
         batch: list[tuple[Generation, list[int]]] = []
         budget = self.n_batch
         # decode tokens first: every running sequence advances every tick
+        decoding: list[Generation] = []
         for g in live:
             if g.prompt_done and g.pending and budget > 0:
                 batch.append((g, g.take(1)))
                 budget -= 1
+                decoding.append(g)
+        # then drafts of the speculating ones, verified in the same evaluation
+        drafts: dict[int, list[int]] = {}
+        for g in decoding:
+            if g.drafter is None or g.finishing is not None or budget <= 0 or g.pending:
+                continue
+            assert g.seq is not None
+            room = min(budget, g.max_tokens - len(g.tokens) - 1,
+                       self.n_ctx - self.backend.seq_len(g.seq) - 2)
+            draft = g.drafter.propose(room)
+            if draft:
+                drafts[g.seq] = draft
+                budget -= len(draft)
         # then prompt chunks, rotating who goes first so no prompt starves
         prefilling = [g for g in live if not g.prompt_done and g.pending]
         if prefilling:
@@ -300,7 +347,7 @@ class Scheduler:
                 batch.append((g, chunk))
                 budget -= len(chunk)
         if batch:
-            self._evaluate(batch)
+            self._evaluate(batch, drafts)
             self.abort_at = None
         for g in order:
             if g.done or g.key not in self.running:
@@ -310,6 +357,8 @@ class Scheduler:
                 if g.finishing or len(g.tokens) >= g.max_tokens:
                     g.prompt_done = True
                     g.end(g.finishing or "length")
+                elif g.draft:
+                    self._verify(g)
                 else:
                     g.prompt_done = True
                     self._sample(g)
@@ -337,12 +386,19 @@ class Scheduler:
                 self._wake_watcher()  # it sleeps until the next heartbeat otherwise
         self.backend.abort(False)
 
-    def _evaluate(self, batch: list[tuple[Generation, list[int]]]) -> None:
+    def _evaluate(self, batch: list[tuple[Generation, list[int]]],
+                  drafts: dict[int, list[int]] | None = None) -> None:
         self._arm_abort(batch)
         try:
-            self.backend.evaluate([(g.seq, toks) for g, toks in batch])  # type: ignore[misc]
+            work = [(g.seq, toks) for g, toks in batch]
+            if drafts:
+                self.backend.evaluate_drafts(work, drafts)  # type: ignore[arg-type]
+            else:
+                self.backend.evaluate(work)  # type: ignore[arg-type]
             for g, _ in batch:
                 g.in_flight = True
+                if drafts:
+                    g.draft = drafts.get(g.seq, [])  # type: ignore[arg-type]
             return
         except Cancelled:
             self.abort_at = None
@@ -373,7 +429,38 @@ class Scheduler:
                 log.exception("evaluation failed")
                 self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
 
-    def _sample(self, g: Generation) -> None:
+    def _verify(self, g: Generation) -> None:
+        """Sample a sequence whose draft was evaluated: keep the draft tokens its own
+        sampler chooses, then the corrected (or bonus) token; drop the rest."""
+        draft, g.draft = g.draft, []
+        b, seq = self.backend, g.seq
+        assert seq is not None and g.drafter is not None
+
+        def sample_at(i: int) -> int | None:
+            if i > 0:  # draft[i - 1] was sampled: it is in the KV, with its logits
+                b.draft_accept(seq)
+                g.pending = []
+                if g.finishing is not None:  # a kept-KV ending: its last token is in
+                    g.end(g.finishing)
+                    return None
+            token = self._sample(g)
+            return None if g.done else token
+
+        accepted = 0
+        try:
+            accepted, _ = verify_draft(draft, sample_at)
+        except LlamafleetError as exc:
+            self._fail(g, exc)
+        finally:
+            if g.key in self.running:  # (a failed one was cleared with its draft)
+                b.draft_reject(seq)
+        g.stats.drafted_tokens += len(draft)
+        g.stats.accepted_tokens += accepted
+        g.drafter.feedback(len(draft), accepted)
+
+    def _sample(self, g: Generation) -> int | None:
+        """Sample the next token; returns it when it is output (and now pending or
+        ending the generation), None otherwise (EOG, grammar's end, an error)."""
         b = self.backend
         assert g.seq is not None
         n_before = len(g.tokens)
@@ -391,13 +478,15 @@ class Scheduler:
                 if g.t_last_token is not None:
                     self.counters.token_gap(now - g.t_last_token)
                 g.t_last_token = now
+                if g.drafter is not None:
+                    g.drafter.push(g.tokens[-1])
         except LlamafleetError as exc:
             self._fail(g, exc)
-            return
+            return None
         except Exception as exc:  # a backend bug: fail this request, keep serving
             log.exception("sampling failed")
             self._fail(g, InternalError(f"{type(exc).__name__}: {exc}"))
-            return
+            return None
         if g.stream:
             g.out_text += delta
             g.out_tokens += g.tokens[n_before:]
@@ -407,6 +496,7 @@ class Scheduler:
             if (g.out_text or g.out_tokens) and (
                     g.done or g.last_flush == 0.0 or self.stream_interval <= 0):
                 self._flush(g, time.monotonic())
+        return g.tokens[-1] if len(g.tokens) > n_before else None
 
     def _flush(self, g: Generation, now: float) -> None:
         if g.out_text or g.out_tokens:
@@ -438,11 +528,40 @@ class Scheduler:
         if g.stream:
             self._flush(g, time.monotonic())
         self.running.pop(g.key, None)
-        self._publish(g)
-        self._release(g)
+        try:
+            job = self._snapshot(g)  # reads the KV: before the slot is released
+        finally:
+            self._release(g)
+        if job is None:
+            self._reply(g)
+            return
+        self._publishing += 1
+        with self._publisher_lock:
+            if self._publisher is None:
+                self._publisher = ThreadPoolExecutor(1, thread_name_prefix="kv-publish")
+            # one thread: a session's publishes are applied in the order they finished
+            self._publisher.submit(self._publish, g, job)
+
+    def _reply(self, g: Generation) -> None:
         result = g.result()
         self.counters.finished(result.finish_reason, result.stats)
         self._send(g.peer, g.req_id, result)
+
+    def _deliver_published(self) -> None:
+        """Send the results whose KV the publisher thread has cached."""
+        while self._published:
+            g = self._published.popleft()
+            self._publishing -= 1
+            self._reply(g)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the publisher thread to finish what it holds (before the cache
+        closes), and send those results."""
+        with self._publisher_lock:
+            pub, self._publisher = self._publisher, None
+        if pub is not None:
+            pub.shutdown(wait=True)
+        self._deliver_published()
 
     def _fail(self, g: Generation, err: LlamafleetError, notify: bool = True) -> None:
         g.end("error")
@@ -455,37 +574,60 @@ class Scheduler:
     def _release(self, g: Generation) -> None:
         if g.seq is None:
             return
+        if g.drafter is not None:
+            g.drafter.release()
         if self.seq_owner.get(g.seq) == g.key:
             del self.seq_owner[g.seq]
         if not g.explicit_seq:
             self.backend.seq_clear(g.seq)
 
-    def _publish(self, g: Generation) -> None:
-        """Offer the finished sequence's KV to the cache (durably for sessions)."""
+    def _snapshot(self, g: Generation) -> tuple[str, list[int], Callable[[], bytes]] | None:
+        """On the loop: what the finished sequence offers the cache (namespace, tokens
+        and the blob's builder, its KV already read), or None when nothing is published."""
         if g.explicit_seq or g.seq is None:
-            return
+            return None
         ns = self._namespace()
         if self.cache is None or ns is None:
             if g.session is not None:
                 g.session_saved = False
                 g.session_error = ("this model keeps no KV cache (prefix_cache is off "
                                             "or the backend cannot pack KV)")
-            return
+            return None
         tokens = self.backend.seq_tokens(g.seq)
         if len(tokens) < self.cache.min_tokens and g.session is None:
-            return
+            return None
         if not tokens:
-            return
+            return None
         try:
-            blob = self.backend.kv_pack(g.seq)
+            return ns, tokens, self.backend.kv_snapshot(g.seq)
         except LlamafleetError as exc:
             log.warning("kv_pack for the cache failed: %s", exc)
-            return
+            self._not_saved(g, exc)
+            return None
+
+    def _publish(self, g: Generation, job: tuple[str, list[int], Callable[[], bytes]]) -> None:
+        """On the publisher thread: build the blob and cache it (durably for a
+        session), then hand the result back to the loop."""
+        ns, tokens, build = job
         try:
-            self.cache.insert(ns, tokens, blob, session=g.session, durable=g.session is not None)
+            assert self.cache is not None
+            self.cache.insert(ns, tokens, build(), session=g.session,
+                              durable=g.session is not None)
             if g.session is not None:
                 g.session_saved = True
         except OSError as exc:
             log.warning("session %s not persisted: %s", g.session, exc)
+            self._not_saved(g, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the reply
+            log.exception("publishing to the prefix cache failed")
+            self._not_saved(g, exc)
+        finally:
+            self._published.append(g)
+            if self._wake is not None:
+                self._wake()
+
+    @staticmethod
+    def _not_saved(g: Generation, exc: BaseException) -> None:
+        if g.session is not None:
             g.session_saved = False
             g.session_error = str(exc)

@@ -28,6 +28,7 @@ from llamafleet.runtime.errors import (
     BadRequest,
     InternalError,
     LlamafleetError,
+    NotSupported,
     RequestTimeout,
     ShuttingDown,
 )
@@ -35,10 +36,12 @@ from llamafleet.runtime.process import set_parent_death_signal
 from llamafleet.runtime.protocol import WorkerSpec
 from llamafleet.runtime.sampling import SamplingParams
 from llamafleet.runtime.tcp import keepalive
+from llamafleet.worker.draft_model import DraftModel, check_vocabularies, draft_options
 from llamafleet.worker.generation import Generation
 from llamafleet.worker.handlers import HANDLERS, SEQ_COMMANDS
 from llamafleet.worker.prefix_cache import PrefixCache
 from llamafleet.worker.scheduler import Outgoing, Scheduler
+from llamafleet.worker.speculative import SpecConfig
 
 log = logging.getLogger("llamafleet.worker")
 
@@ -104,6 +107,8 @@ class Worker:
         self.requested_keep_alive: float | None = None
         self.scheduler: Scheduler | None = None
         self.cache: PrefixCache | None = None
+        #: the draft_model's backend (speculative = "draft"), loaded with the model
+        self.draft_model: DraftModel | None = None
         self.default_sampling: dict[str, Any] = {}
         self._gone: set[tuple[bytes, int]] = set()  # requests whose client disconnected
         #: replies waiting for clients that are not reading (see Outbox)
@@ -120,7 +125,7 @@ class Worker:
         self._activity = threading.Event()
         # wakes the watcher thread at once (state change, abort deadline armed)
         self._kick_r, self._kick_w = os.pipe()
-        # wakes the main loop out of its idle wait (SIGTERM)
+        # wakes the main loop out of its idle wait (SIGTERM, a published result)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._kick_r, self._kick_w, self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -150,6 +155,8 @@ class Worker:
             self._serve()
         finally:
             self._set_state("draining")
+            if self.draft_model is not None:
+                self.draft_model.backend.close()
             if self.backend is not None:
                 self.backend.close()
         return 0
@@ -175,6 +182,13 @@ class Worker:
             self.error = error
         self._state_changed.set()
         self._kick()
+
+    def _wake(self) -> None:
+        """Get the main loop out of its wait (from any thread)."""
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:
+            pass  # a wake-up is already pending
 
     def _kick(self) -> None:
         try:
@@ -267,14 +281,34 @@ class Worker:
         self.default_sampling = {**_usable(backend.default_sampling()), **self.spec.sampling}
         backend.set_default_sampling(self.sampling(None))
         opts = self.spec.worker_options
+        if opts.get("speculative", "off") != "off" and \
+                "speculative" not in backend.info().features:
+            raise BadRequest(f"speculative = {opts['speculative']!r}: the "
+                             f"{backend.name or type(backend).__name__} backend cannot "
+                             "verify drafts")
+        if opts.get("draft_model"):
+            self.draft_model = self._load_draft(cls, backend, str(opts["draft_model"]))
         self.cache = self._make_cache(opts)
         self.stall_timeout = float(opts["stall_timeout_s"])
         self.scheduler = Scheduler(backend, send=self._send, cache=self.cache,
                                    max_queue=int(opts["max_queue"]),
                                    stream_interval=float(opts["stream_interval_ms"]) / 1000,
                                    wake_watcher=self._kick,
-                                   paused=self._outbox.__contains__)
+                                   paused=self._outbox.__contains__, wake=self._wake)
         self.load_progress = 1.0
+
+    @staticmethod
+    def _load_draft(cls: type[Backend], target: Backend, path: str) -> DraftModel:
+        """Load the draft model on a backend like the target's (IncompatibleModels when
+        its vocabulary differs)."""
+        draft = cls(draft_options(target.options, path))
+        draft.load()
+        try:
+            check_vocabularies(target, draft)
+        except BaseException:
+            draft.close()
+            raise
+        return DraftModel(draft)
 
     @staticmethod
     def _make_cache(opts: dict[str, Any]) -> PrefixCache | None:
@@ -452,6 +486,7 @@ class Worker:
                 key = self._gone.pop()
                 if sched.cancel(key, notify=False):
                     log.info("client of request %s disconnected; generation stopped", key[1])
+        sched.close()  # the publisher thread's last results, before the cache closes
         if self.cache is not None:
             self.cache.close()
         sock.close(linger=200)
@@ -507,6 +542,24 @@ class Worker:
         if raw and (raw.get("grammar") is not None or raw.get("json_schema") is not None):
             base = {k: v for k, v in base.items() if k not in ("grammar", "json_schema")}
         return SamplingParams.from_dict({**base, **(raw or {})})
+
+    def speculative(self, mode: str) -> SpecConfig | None:
+        """How a generation asking for ``mode`` (protocol.SPECULATIVE_MODES) speculates:
+        "model" follows the model's ``speculative`` option; None is off."""
+        opts = self.spec.worker_options
+        mode = mode.lower()
+        if mode == "model":
+            mode = str(opts.get("speculative") or "off")
+        if mode == "off":
+            return None
+        b, _ = self.loaded()
+        if "speculative" not in b.info().features:
+            raise NotSupported(f"the {b.name or type(b).__name__} backend cannot verify "
+                               "drafts (speculative decoding)")
+        if mode == "draft" and self.draft_model is None:
+            raise NotSupported(f"model {self.spec.model} has no draft_model")
+        return SpecConfig(method=mode, draft_min=int(opts.get("draft_min") or 2),
+                          draft_max=int(opts.get("draft_max") or 16), model=self.draft_model)
 
     def check_seq(self, seq: int) -> None:
         """Refuse a caller-managed sequence that is out of range or in use."""

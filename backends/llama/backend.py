@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,6 +168,8 @@ class LlamaBackend(Backend):
         name = self._name_opt or model.meta("general.name") or \
             os.path.splitext(os.path.basename(self.path))[0]
         features = ["kv", "grammar", "json_schema", "lora", "embeddings", "logprobs"]
+        if not self.recurrent:  # drafts need their KV cells dropped
+            features.append("speculative")
         if tmpl:
             features.append("chat_template")
         return ModelInfo(
@@ -323,17 +325,66 @@ class LlamaBackend(Backend):
 
     def evaluate(self, batch: Any) -> None:
         self._need()
+        if self._seqs.drafted:
+            self._seqs.reject_all()
         if type(batch) is list:
             small = self._small_work(batch)
             if small is not None:
                 if small:
                     self._seqs.decode_small(small)
                 return
+        work = self._work(batch)
+        if work:
+            if sum(len(t) for _, t in work) <= _SMALL and all(type(t) is list for _, t in work):
+                self._seqs.decode_small(work)  # type: ignore[arg-type]
+            else:
+                self._seqs.decode([(s, np.asarray(t, dtype=np.int32)) for s, t in work])
+
+    def evaluate_drafts(self, batch: Any, drafts: Any) -> None:
+        self._need()
+        if self._seqs.drafted:
+            self._seqs.reject_all()
+        if not isinstance(drafts, dict):
+            raise BadRequest("drafts must be a map of sequence to tokens")
+        clean: dict[int, np.ndarray] = {}
+        for seq, toks in drafts.items():
+            arr = self._tok_array(toks)
+            if arr.size:
+                clean[self._check_seq(seq)] = arr
+        if not clean:
+            self.evaluate(batch)
+            return
+        if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
+            raise BadRequest("batch must be a list of (seq, tokens) pairs")
+        # each draft follows its sequence's tokens: validated (context room) together
+        joined = [(s, np.concatenate([self._tok_array(t), clean[s]])
+                   if isinstance(s, int) and s in clean else t) for s, t in batch]
+        work = self._work(joined)
+        given = {s: len(t) for s, t in work}
+        for s, d in clean.items():
+            if given.get(s, 0) <= d.size:
+                raise BadRequest(f"the draft of sequence {s} follows no tokens in the batch")
+        self._seqs.decode([(s, np.asarray(t, dtype=np.int32)) for s, t in work],
+                          drafts={s: int(d.size) for s, d in clean.items()})
+
+    def draft_accept(self, seq: int) -> None:
+        self._need()
+        s = self._check_seq(seq)
+        if not self._seqs.draft_left(s):
+            raise BadRequest(f"sequence {s} has no pending draft")
+        self._seqs.accept_draft(s)
+
+    def draft_reject(self, seq: int) -> None:
+        self._need()
+        self._seqs.reject_draft(self._check_seq(seq))
+
+    def _work(self, batch: Any) -> list[tuple[int, np.ndarray | list[int]]]:
+        """``batch`` validated (sequences, token ids, context room) and sorted by
+        sequence, without empty items."""
         if isinstance(batch, (str, bytes)) or not isinstance(batch, Sequence):
             raise BadRequest("batch must be a list of (seq, tokens) pairs")
         work: list[tuple[int, np.ndarray | list[int]]] = []
         seen: set[int] = set()
-        total = 0
         nv = self.n_vocab
         for item in batch:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -354,16 +405,11 @@ class LlamaBackend(Backend):
                                  f"+ {n} > n_ctx {self.n_ctx}")
             if n:
                 work.append((s, toks))
-                total += n
-        if work:
-            # llama.cpp splits a batch whose sequences are out of order into more
-            # micro-batches (8 sequences in descending order decode ~2x slower)
-            if len(work) > 1:
-                work.sort(key=lambda w: w[0])
-            if total <= _SMALL and all(type(t) is list for _, t in work):
-                self._seqs.decode_small(work)  # type: ignore[arg-type]
-            else:
-                self._seqs.decode([(s, np.asarray(t, dtype=np.int32)) for s, t in work])
+        # llama.cpp splits a batch whose sequences are out of order into more
+        # micro-batches (8 sequences in descending order decode ~2x slower)
+        if len(work) > 1:
+            work.sort(key=lambda w: w[0])
+        return work
 
     def _small_work(self, batch: list[Any]) -> list[tuple[int, list[int]]] | None:
         """``batch`` sorted by sequence when it is the decode step's shape, valid, and
@@ -463,10 +509,21 @@ class LlamaBackend(Backend):
             adapter_id=self._lora.identity())
 
     def kv_pack(self, seq: int) -> bytes:
+        return self.kv_snapshot(seq)()
+
+    def kv_snapshot(self, seq: int) -> Callable[[], bytes]:
         self._need()
         s = self._check_seq(seq)
-        state = self._ctx.state_seq_get(s)
-        return kvformat.pack(self._kv_shape(), self._tokens[s], state)
+        self._seqs.reject_draft(s)
+        tokens, shape = list(self._tokens[s]), self._kv_shape()
+        # the one native read (a few ms per 1,000 SmolLM2 tokens) goes straight into
+        # the blob; its header and CRC32 (most of the cost) are left to the caller
+        buf, payload = kvformat.blank(len(tokens), self._ctx.state_seq_size(s))
+        try:
+            self._ctx.state_seq_get_into(s, payload)
+        finally:
+            payload.release()
+        return lambda: kvformat.seal(buf, shape, tokens)
 
     def kv_unpack(self, seq: int, data: bytes) -> int:
         self._need()

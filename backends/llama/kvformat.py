@@ -73,13 +73,34 @@ class KVBlob:
 
 def pack(shape: KVShape, tokens: list[int], payload: bytes) -> bytes:
     """Build a blob (header, token ids, payload, CRC32)."""
+    buf, view = blank(len(tokens), len(payload))
+    view[:] = payload
+    return seal(buf, shape, tokens)
+
+
+def blank(n_tokens: int, payload_len: int) -> tuple[bytearray, memoryview]:
+    """A zeroed blob of ``n_tokens`` and a payload of ``payload_len`` bytes, and a view
+    of its payload region: llama.cpp writes the state there, :func:`seal` the rest
+    (one allocation, no copy of the payload)."""
+    start = HEADER_SIZE + 4 * n_tokens
+    buf = bytearray(start + payload_len + 4)
+    return buf, memoryview(buf)[start:start + payload_len]
+
+
+def seal(buf: bytearray, shape: KVShape, tokens: list[int]) -> bytes:
+    """Fill in the header, token ids and CRC32 of a :func:`blank` blob whose payload is
+    written. Pure: safe on any thread."""
     toks = np.asarray(tokens, dtype="<i4")
-    head = _HEAD.pack(MAGIC, VERSION, 0, shape.model_id, shape.n_vocab, shape.n_layer,
-                      shape.n_embd, int(shape.kv_unified), int(shape.flash_attn),
-                      shape.type_k, shape.type_v, 0, shape.n_stream, shape.adapter_id,
-                      len(toks), len(payload))
-    body = b"".join((head, toks.tobytes(), payload))
-    return body + struct.pack("<I", zlib.crc32(body))
+    start = HEADER_SIZE + 4 * len(toks)
+    payload_len = len(buf) - start - 4
+    _HEAD.pack_into(buf, 0, MAGIC, VERSION, 0, shape.model_id, shape.n_vocab, shape.n_layer,
+                    shape.n_embd, int(shape.kv_unified), int(shape.flash_attn), shape.type_k,
+                    shape.type_v, 0, shape.n_stream, shape.adapter_id, len(toks), payload_len)
+    buf[HEADER_SIZE:start] = toks.tobytes()
+    view = memoryview(buf)
+    struct.pack_into("<I", buf, len(buf) - 4, zlib.crc32(view[:len(buf) - 4]))
+    view.release()
+    return bytes(buf)
 
 
 def unpack(data: bytes | bytearray | memoryview) -> KVBlob:

@@ -264,16 +264,16 @@ class LlamaBatch:
         self.np_logits = np.frombuffer(ffi.buffer(self.logits), dtype=np.int8)
 
     def fill_small(self, work: Sequence[tuple[int, list[int]]],
-                   history: Sequence[Sized]) -> tuple[int, list[tuple[int, int]]]:
+                   history: Sequence[Sized]) -> tuple[int, list[tuple[int, int, int]]]:
         """The decode step (a few tokens per sequence, lists of ints): plain stores
         from index 0, positions continuing after ``history[seq]``, the last token of
-        each sequence an output. Returns the token count and the ``(seq, batch
-        index)`` of every output.
+        each sequence an output. Returns the token count and the ``(seq, 0, batch
+        index)`` of every output (0: the sequence's last token).
 
         Decode time is dominated by llama.cpp, but on a small model a hundred
         microseconds of cache-cold Python per token is a few percent."""
         bt, bp, bs, bl = self.token, self.pos, self.seq, self.logits
-        outs: list[tuple[int, int]] = []
+        outs: list[tuple[int, int, int]] = []
         i = 0
         for s, toks in work:
             pos = len(history[s])
@@ -285,7 +285,7 @@ class LlamaBatch:
                 i += 1
                 pos += 1
             bl[i - 1] = 1
-            outs.append((s, i - 1))
+            outs.append((s, 0, i - 1))
         return i, outs
 
     def put(self, at: int, tokens: np.ndarray, pos0: int, seq: int) -> None:
@@ -411,14 +411,22 @@ class LlamaContext(_Owner):
         return int(self.lib.llama_memory_seq_pos_max(self.mem, seq))
 
     # -- sequence state
-    def state_seq_get(self, seq: int) -> bytes:
-        """The sequence's state blob (KV cells and positions)."""
-        L = self.lib
-        size = int(L.llama_state_seq_get_size(self.ptr, seq))
-        buf = bytearray(size)
-        got = int(L.llama_state_seq_get_data(self.ptr, self.ffi.from_buffer(buf), size, seq))
+    def state_seq_size(self, seq: int) -> int:
+        """Bytes of the sequence's state blob."""
+        return int(self.lib.llama_state_seq_get_size(self.ptr, seq))
+
+    def state_seq_get_into(self, seq: int, out: memoryview) -> None:
+        """Write the sequence's state blob (exactly ``state_seq_size`` bytes) into ``out``."""
+        size = len(out)
+        got = int(self.lib.llama_state_seq_get_data(self.ptr, self.ffi.from_buffer(out), size,
+                                                    seq))
         if got != size:
             raise InternalError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+
+    def state_seq_get(self, seq: int) -> bytes:
+        """The sequence's state blob (KV cells and positions)."""
+        buf = bytearray(self.state_seq_size(seq))
+        self.state_seq_get_into(seq, memoryview(buf))
         return bytes(buf)
 
     def state_seq_set(self, seq: int, data: bytes) -> bool:

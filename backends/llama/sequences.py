@@ -17,7 +17,12 @@ class Sequences:
     """Token histories, logits rows and decoding for the sequences of ``ctx``.
 
     After each decode the logits row of every sequence that got one is copied into
-    :attr:`logits`, so sampling never reads a stale batch index."""
+    :attr:`logits`, so sampling never reads a stale batch index.
+
+    A decode may carry a draft after a sequence's tokens (speculative decoding):
+    its cells go into the KV with a logits row each (:attr:`draft_rows`), but the
+    sequence's history holds only its tokens until :meth:`accept_draft` keeps the
+    next draft token; :meth:`reject_draft` removes the cells of the rest."""
 
     def __init__(self, ctx: LlamaContext, n_vocab: int) -> None:
         self.ctx = ctx
@@ -27,8 +32,45 @@ class Sequences:
         self.logits = np.zeros((n, n_vocab), dtype=np.float32)
         self.has_logits = [False] * n
         self.batch = LlamaBatch(ctx.ffi, ctx.n_batch)
+        #: per sequence: its pending draft, how much of it was kept, one logits row
+        #: per draft token (the logits that follow it)
+        self.draft: list[list[int]] = [[] for _ in range(n)]
+        self.draft_kept = [0] * n
+        self.draft_rows: list[np.ndarray | None] = [None] * n
+        #: sequences with a pending draft
+        self.drafted: set[int] = set()
+        self._n_vocab = n_vocab
+
+    def draft_left(self, s: int) -> int:
+        return len(self.draft[s]) - self.draft_kept[s]
+
+    def accept_draft(self, s: int) -> None:
+        """The next draft token joins the history; its logits row becomes current."""
+        i = self.draft_kept[s]
+        rows = self.draft_rows[s]
+        assert rows is not None and i < len(self.draft[s])
+        self.tokens[s].append(self.draft[s][i])
+        self.logits[s] = rows[i]
+        self.draft_kept[s] = i + 1
+
+    def reject_draft(self, s: int) -> None:
+        """Remove the KV cells of what is left of the draft."""
+        if s not in self.drafted:
+            return
+        self.drafted.discard(s)
+        left = self.draft_left(s)
+        self.draft[s], self.draft_kept[s] = [], 0
+        if left and not self.ctx.seq_rm(s, len(self.tokens[s]), -1):
+            self.clear(s)  # cannot drop part of it: the sequence is lost, never wrong
+            raise InternalError(f"could not remove the rejected draft of sequence {s}")
+
+    def reject_all(self) -> None:
+        for s in list(self.drafted):
+            self.reject_draft(s)
 
     def clear(self, s: int) -> None:
+        self.drafted.discard(s)
+        self.draft[s], self.draft_kept[s] = [], 0
         self.ctx.seq_rm(s)
         self.tokens[s] = []
         self.has_logits[s] = False
@@ -45,26 +87,37 @@ class Sequences:
             self.tokens[s].extend(toks)
             self.has_logits[s] = True
 
-    def decode(self, work: list[tuple[int, np.ndarray]]) -> None:
+    def decode(self, work: list[tuple[int, np.ndarray]],
+               drafts: dict[int, int] | None = None) -> None:
         """Decode ``(seq, int32 tokens)`` work in chunks of n_batch; on failure no
-        sequence changes."""
+        sequence changes. ``drafts[seq]``: that many of the sequence's last tokens
+        are a draft (an output row each, held pending)."""
         nb, batch = self.batch.n_max, self.batch
+        drafts = drafts or {}
         old_len = {s: len(self.tokens[s]) for s, _ in work}
         multi = sum(t.size for _, t in work) > nb
         staged: dict[int, np.ndarray] = {}
-        done_out: list[tuple[int, int]] = []  # (seq, batch index) outputs of the current chunk
+        # (seq, output number, batch index) outputs of the current chunk: output 0 is
+        # the sequence's last token, 1.. its draft tokens
+        done_out: list[tuple[int, int, int]] = []
+        for s, nd in drafts.items():
+            rows = self.draft_rows[s]
+            if rows is None or rows.shape[0] < nd:
+                self.draft_rows[s] = np.empty((max(nd, 16), self._n_vocab), dtype=np.float32)
         fill = 0
         try:
             for s, toks in work:
                 start, off, n = old_len[s], 0, toks.size
+                first = n - 1 - drafts.get(s, 0)  # the first token with an output
                 while off < n:
                     take = min(n - off, nb - fill)
                     batch.put(fill, toks[off:off + take], start + off, s)
+                    for i in range(max(off, first), off + take):
+                        at = fill + i - off
+                        batch.np_logits[at] = 1
+                        done_out.append((s, i - first, at))
                     off += take
                     fill += take
-                    if off == n:
-                        batch.np_logits[fill - 1] = 1
-                        done_out.append((s, fill - 1))
                     if fill == nb:
                         self._run_chunk(fill, done_out, staged, multi)
                         fill = 0
@@ -75,13 +128,17 @@ class Sequences:
             self._rollback(old_len)
             raise
         for s, toks in work:
-            self.tokens[s].extend(toks.tolist())
+            nd = drafts.get(s, 0)
+            self.tokens[s].extend(toks[:toks.size - nd].tolist())
             if multi:
                 self.logits[s] = staged[s]
             self.has_logits[s] = True
+            if nd:
+                self.draft[s], self.draft_kept[s] = toks[toks.size - nd:].tolist(), 0
+                self.drafted.add(s)
 
-    def _run_chunk(self, n: int, outs: list[tuple[int, int]], staged: dict[int, np.ndarray],
-                   multi: bool) -> None:
+    def _run_chunk(self, n: int, outs: list[tuple[int, int, int]],
+                   staged: dict[int, np.ndarray], multi: bool) -> None:
         ctx = self.ctx
         rc = ctx.decode(self.batch, n)
         if rc != 0:
@@ -93,11 +150,15 @@ class Sequences:
             if rc == -1:
                 raise BadRequest("llama.cpp rejected the batch as invalid")
             raise InternalError(f"llama_decode failed with code {rc}")
-        for s, idx in outs:
+        for s, j, idx in outs:
             row = ctx.logits_ith(idx)
             if row is None:
                 raise InternalError(f"no logits for batch index {idx}")
-            if multi:
+            if j:
+                rows = self.draft_rows[s]
+                assert rows is not None
+                rows[j - 1] = row
+            elif multi:
                 staged[s] = row.copy()
             else:
                 self.logits[s] = row
@@ -113,6 +174,7 @@ class Sequences:
 
     def truncate(self, s: int, n_keep: int) -> None:
         """Keep the first ``n_keep`` (1..len) tokens, with fresh logits for the last."""
+        self.reject_draft(s)
         toks = self.tokens[s]
         # drop from the last kept token on, then decode it again for fresh logits
         if not self.ctx.seq_rm(s, n_keep - 1, -1):

@@ -28,6 +28,7 @@ from typing import Any
 
 from llamafleet.bench import peers, rtt
 from llamafleet.bench.http import phase_http
+from llamafleet.bench.speculative import phase_speculative
 from llamafleet.client import Client
 from llamafleet.runtime.config import Config, SupervisorConfig, default_model_path
 from llamafleet.runtime.errors import LlamafleetError
@@ -502,6 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             progress("stopping the fleet")
             return result
         result["single_stream"] = phase_single(sup, model, args.threads, args.n_ctx, q)
+        result["speculative"] = phase_speculative(sup, MODEL, q, progress)
         result["concurrency"] = phase_concurrency(sup, q)
         result["llama_batched_bench"] = phase_llama_batched_bench(model, args.threads,
                                                                   args.n_ctx, q)
@@ -562,7 +564,16 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
                                      None if r["http"]["c8_vs_llama_server"] is None
                                      else r["http"]["c8_vs_llama_server"] >= 1.0),
         "recovery_s": g(r["recovery_s"], "< 2 s", r["recovery_s"] < 2.0),
+        **_speculative_goals(r["speculative"], g),
     }
+
+
+def _speculative_goals(sp: dict[str, Any], g: Callable[..., dict[str, Any]]
+                       ) -> dict[str, Any]:
+    lk, ft = sp["lookup_ratio"], sp["free_text_ratio"]
+    return {"speculative_lookup": g(lk, ">= 1.5x", None if lk is None else lk >= 1.5,
+                                    same_tokens=sp["same_tokens"]),
+            "speculative_free_text": g(ft, ">= 0.97x", None if ft is None else ft >= 0.97)}
 
 
 def _f(x: Any, fmt: str = "{:.1f}") -> str:
@@ -636,6 +647,13 @@ def table(r: dict[str, Any]) -> str:
         f"  re-prefill {kv['reprefill_ms']:.1f} ms   restore {kv['restore_ms']:.1f} ms   "
         f"speedup {kv['speedup']:.1f}x  ({mark('kv_restore_speedup')})",
         f"  pack {kv['pack_mb_s']:.0f} MB/s   unpack {kv['unpack_mb_s']:.0f} MB/s",
+        "",
+        "speculative decoding, prompt lookup vs plain (single stream, greedy, "
+        f"{r['speculative']['rounds']} interleaved rounds)",
+        f"  grounded text  {_f(r['speculative']['lookup_ratio'], '{:.2f}')}x  "
+        f"({mark('speculative_lookup')}; same tokens: {r['speculative']['same_tokens']})",
+        f"  free text      {_f(r['speculative']['free_text_ratio'], '{:.2f}')}x  "
+        f"({mark('speculative_free_text')})",
         "",
         f"recovery after SIGKILL  {r['recovery_s']:.3f} s  ({mark('recovery_s')}; "
         f"heartbeat {r['recovery']['settings']['heartbeat_interval']} s, backoff "

@@ -209,6 +209,30 @@ def test_status_shows_every_worker_of_the_cluster_with_its_node(fleet: Fleet) ->
     assert sorted(json.loads(st.stdout)["addresses"].values()) == sorted(fleet.addresses)
 
 
+def test_a_killed_supervisor_is_restarted_by_ray_and_its_workers_die_with_it(
+        fleet: Fleet) -> None:
+    from llamafleet.ray.actors import get
+    before = get(fleet.supervisor("a").pids.remote())
+    address_b = get(fleet.supervisor("b").address.remote())
+    a = fleet.node_of("a")
+    os.kill(before["supervisor"], signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: not any(pid_alive(p) for p in before["workers"]), timeout=15)
+    with fleet.client(address_b) as c:
+        def back() -> bool:
+            rows = [w for w in _ready(c) if w["node"] == a]
+            return len(rows) == len(before["workers"]) and \
+                not {w["pid"] for w in rows} & set(before["workers"])
+        wait_for(back, timeout=60)
+        restart_s = time.monotonic() - t0
+        assert len(c.generate("big", "again", max_tokens=3, **GREEDY).tokens) == 3
+    after = get(fleet.supervisor("a").pids.remote())
+    assert after["supervisor"] != before["supervisor"]
+    wait_for(lambda: len(lfray.addresses()) == 2
+             and get(fleet.supervisor("a").address.remote()) in lfray.addresses(), timeout=10)
+    fleet.addresses = lfray.addresses()  # the restarted one bound a new port
+    merge_figures({"scale_out": {"supervisor_restart_s": round(restart_s, 2)}})
+
 def test_removing_a_node_mid_stream_completes_on_another_and_its_models_come_back(
         fleet: Fleet) -> None:
     address_a = next(x for x in fleet.addresses
@@ -248,11 +272,15 @@ def test_removing_a_node_mid_stream_completes_on_another_and_its_models_come_bac
         # the workers of the lost node do not outlive it
         wait_for(lambda: not any(pid_alive(p) for p in b_workers), timeout=15)
         # and its models are placed again on the node that is left
-        t0 = time.monotonic()
-        wait_for(lambda: sorted((w["model"], w["replica"]) for w in _ready(c)) ==
-                 [("big", 0), ("r", 0), ("r", 1), ("s", 0)], timeout=60)
-        back_s = time.monotonic() - t0
-        assert {w["node"] for w in c.status()} == {fleet.node_of("a")}
+        a = fleet.node_of("a")
+
+        def back() -> bool:  # every model ready again, and on a (b's rows are gone)
+            rows = c.status()
+            return {w["node"] for w in rows} == {a} and sorted(
+                (w["model"], w["replica"]) for w in rows if w["state"] == "ready") == \
+                [("big", 0), ("r", 0), ("r", 1), ("s", 0)]
+        wait_for(back, timeout=60)
+        back_s = time.monotonic() - t_remove
         for model in on_b:
             assert len(c.generate(model, "again", max_tokens=3, **GREEDY).tokens) == 3
     merge_figures({"scale_out": {"node_removed_stream_s": round(stream_s, 2),

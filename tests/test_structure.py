@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"runtime": "llamafleet.runtime", "worker": "llamafleet.worker",
             "client": "llamafleet.client", "backends": "llamafleet.backends",
             "llamafleet/bench": "llamafleet.bench", "llamafleet/testing": "llamafleet.testing",
-            "llamafleet/gateway": "llamafleet.gateway"}
+            "llamafleet/gateway": "llamafleet.gateway", "llamafleet/ray": "llamafleet.ray"}
 
 
 def imports_of(folder: str) -> dict[str, set[str]]:
@@ -39,22 +39,29 @@ def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
 
 #: the HTTP stack: only the gateway (on top) may use it
 HTTP = ("starlette", "uvicorn", "pydantic", "prometheus_client")
+#: Ray: only the Ray layer (on top, beside the gateway) may use it; the client never
+RAY = ("ray", "llamafleet.ray")
 
 
 @pytest.mark.parametrize("folder,forbidden", [
     ("runtime", ("llamafleet.client", "llamafleet.worker", "llamafleet.backends",
                  "llamafleet.cli", "llamafleet.bench", "llamafleet.testing",
-                 "llamafleet.gateway", *HTTP)),
+                 "llamafleet.gateway", *HTTP, *RAY)),
     ("client", ("llamafleet.worker", "llamafleet.backends", "llamafleet.cli",
-                "llamafleet.bench", "llamafleet.testing", "llamafleet.gateway", *HTTP)),
+                "llamafleet.bench", "llamafleet.testing", "llamafleet.gateway", *HTTP, *RAY)),
     ("worker", ("llamafleet.client", "llamafleet.cli", "llamafleet.bench",
-                "llamafleet.testing", "llamafleet.gateway", *HTTP)),
+                "llamafleet.testing", "llamafleet.gateway", *HTTP, *RAY)),
     ("backends", ("llamafleet.client", "llamafleet.worker", "llamafleet.cli",
-                  "llamafleet.bench", "llamafleet.testing", "llamafleet.gateway", "zmq", *HTTP)),
+                  "llamafleet.bench", "llamafleet.testing", "llamafleet.gateway", "zmq", *HTTP,
+                  *RAY)),
     ("llamafleet/gateway", ("llamafleet.worker", "llamafleet.backends", "llamafleet.cli",
-                            "llamafleet.bench", "llamafleet.testing")),
-    ("llamafleet/bench", ("llamafleet.cli", "llamafleet.gateway")),
-    ("llamafleet/testing", ("llamafleet.cli", "llamafleet.bench", "llamafleet.gateway")),
+                            "llamafleet.bench", "llamafleet.testing", *RAY)),
+    ("llamafleet/ray", ("llamafleet.worker", "llamafleet.backends", "llamafleet.client",
+                        "llamafleet.cli", "llamafleet.bench", "llamafleet.testing",
+                        "llamafleet.gateway", *HTTP)),
+    ("llamafleet/bench", ("llamafleet.cli", "llamafleet.gateway", *RAY)),
+    ("llamafleet/testing", ("llamafleet.cli", "llamafleet.bench", "llamafleet.gateway",
+                            *RAY)),
 ])
 def test_dependencies_run_one_way(folder: str, forbidden: tuple[str, ...]) -> None:
     assert offenders(folder, forbidden) == []

@@ -59,14 +59,15 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _controller(address: str | None, create: bool) -> Any:
     import ray
 
-    from llamafleet.ray.actors import CONTROLLER, NAMESPACE, Controller, controller
+    from llamafleet.ray.actors import CONTROLLER, HEAD, NAMESPACE, Controller, controller
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto",
                  namespace=NAMESPACE, log_to_driver=False, include_dashboard=False)
     if create:
+        # on the head node, which lives as long as the cluster (a worker node may go)
         return Controller.options(
             name=CONTROLLER, namespace=NAMESPACE, lifetime="detached",
-            get_if_exists=True).remote()
+            get_if_exists=True, resources={HEAD: 0.001}).remote()
     try:
         return controller()
     except ValueError:

@@ -39,6 +39,8 @@ from llamafleet.runtime.supervisor import Supervisor
 log = logging.getLogger("llamafleet.ray")
 
 NAMESPACE = "llamafleet"
+#: the resource only the head node has (the controller runs there)
+HEAD = "node:__internal_head__"
 CONTROLLER = "llamafleet-controller"
 #: seconds between two reports of a node's supervisor (and node checks)
 REPORT_S = 0.5
@@ -169,7 +171,9 @@ class ControllerActor:
         nodes = alive_nodes()
         self.placement = place([Demand.of(m) for m in self.config.models.values()], nodes,
                                previous)
-        self.version += 1
+        # never the same twice, across restarts of this actor too: the supervisors
+        # reload when the version they were given changes
+        self.version = max(self.version + 1, time.time_ns())
         if self.placement.missing:
             log.warning("no room for: %s", self.placement.missing)
         for n in nodes:

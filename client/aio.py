@@ -226,7 +226,14 @@ class AsyncClient:
                  control_timeout: float | None = None,
                  curve_server_key: str | bytes | None = None,
                  curve_client_cert: str | None = None, resume: bool = True) -> None:
-        self.address = address or default_address()
+        #: the supervisors' control addresses (``address`` may list several, comma
+        #: separated: a call goes to the next when the current one does not answer)
+        self.addresses = [a.strip() for a in (address or default_address()).split(",")
+                          if a.strip()]
+        if not self.addresses:
+            raise BadRequest(f"no supervisor address in {address!r}")
+        #: the supervisor this client talks to now
+        self.address = self.addresses[0]
         self.resume = resume
         # CURVE for tcp:// (arguments, else $LLAMAFLEET_CURVE_SERVER_KEY / _CLIENT_CERT)
         server_key = curve_server_key or os.environ.get("LLAMAFLEET_CURVE_SERVER_KEY")
@@ -333,17 +340,44 @@ class AsyncClient:
         self._control_up.set()  # wakes a caller waiting for the handshake
 
     async def _supervisor(self, cmd: str, args: dict[str, Any], timeout: float | None) -> Any:
+        """One supervisor command; with several addresses, sent to the next one when
+        the current one is not there or went away (every command is safe to repeat)."""
         if self._closed:
             raise Cancelled("client closed")
         protocol.validate_args(cmd, args)
-        control = self._open_control()
         limit = self.default_timeout if timeout is None else timeout
+        deadline = _now() + limit
+        # each address gets its share of the wait for a connection
+        patience = self.control_timeout / len(self.addresses) if len(self.addresses) > 1 \
+            else self.control_timeout
+        for attempt in range(len(self.addresses)):
+            try:
+                return await self._supervisor_at(cmd, args, max(0.001, deadline - _now()),
+                                                 max(1.0, patience))
+            except Unavailable as exc:
+                if exc.data.get("address") != self.address or self._closed or \
+                        attempt == len(self.addresses) - 1:
+                    raise  # the supervisor's own answer, or nobody left to ask
+                self._fail_over(exc)
+        raise AssertionError("unreachable")
+
+    def _fail_over(self, why: Unavailable) -> None:
+        """Talk to the next supervisor address from now on."""
+        old = self.address
+        self._close_control()
+        self._control_up.clear()
+        self._control_error = None
+        self.address = self.addresses[(self.addresses.index(old) + 1) % len(self.addresses)]
+        log.warning("supervisor at %s: %s; trying %s", old, why.message, self.address)
+
+    async def _supervisor_at(self, cmd: str, args: dict[str, Any], limit: float,
+                             patience: float) -> Any:
+        control = self._open_control()
         if not self._control_up.is_set() or self._control_error is not None:
             # a DEALER queues messages for a peer that is not there: without this wait a
             # call to an address where nothing listens would wait for its whole timeout
             try:
-                await asyncio.wait_for(self._control_up.wait(),
-                                       min(limit, self.control_timeout))
+                await asyncio.wait_for(self._control_up.wait(), min(limit, patience))
             except TimeoutError:
                 raise Unavailable(
                     f"no supervisor is answering at {self.address}: start a fleet with "

@@ -366,8 +366,17 @@ class Client:
                                curve_client_cert=curve_client_cert, resume=resume)
 
         self._async: AsyncClient = self._run(make())
-        self.address = self._async.address
         self._thread_io = ThreadIO(self)
+
+    @property
+    def address(self) -> str:
+        """The supervisor this client talks to now (see :attr:`addresses`)."""
+        return self._async.address
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every supervisor address this client was given, in order."""
+        return list(self._async.addresses)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed:

@@ -209,6 +209,25 @@ def test_status_shows_every_worker_of_the_cluster_with_its_node(fleet: Fleet) ->
     assert sorted(json.loads(st.stdout)["addresses"].values()) == sorted(fleet.addresses)
 
 
+def test_a_client_with_every_address_goes_on_when_one_supervisor_freezes(
+        fleet: Fleet) -> None:
+    from llamafleet.ray.actors import get
+    b_sup = get(fleet.supervisor("b").pids.remote())["supervisor"]
+    address_b = get(fleet.supervisor("b").address.remote())
+    others = [x for x in fleet.addresses if x != address_b]
+    with fleet.client(",".join([address_b, *others])) as c:
+        assert len(_ready(c)) == 4  # through b's supervisor
+        os.kill(b_sup, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            assert len(_ready(c)) == 4  # b's heartbeats stop: the next address answers
+            took = time.monotonic() - t0
+            assert c.address != address_b
+        finally:
+            os.kill(b_sup, signal.SIGCONT)
+    assert took < BOUND_S + 1.0, took
+    merge_figures({"scale_out": {"supervisor_failover_s": round(took, 2)}})
+
 def test_a_killed_supervisor_is_restarted_by_ray_and_its_workers_die_with_it(
         fleet: Fleet) -> None:
     from llamafleet.ray.actors import get

@@ -83,3 +83,15 @@ def test_a_stream_on_a_frozen_worker_resumes_on_the_other_replica(tcp_fleet) -> 
         assert s.result.stats.resumed == 1
     # 350 tokens at 10 ms after the freeze: the detection is most of the difference
     assert took < BOUND_S + 350 * 0.01 + 2.0, took
+
+
+def test_a_client_given_several_addresses_uses_the_next_when_one_is_not_there(
+        tcp_fleet, tmp_path: Path) -> None:
+    sup, creds = tcp_fleet
+    nobody = f"ipc://{tmp_path}/nobody.sock"  # nothing listens there
+    with Client(f"{nobody}, {sup.address}", timeout=30, connect_timeout=4, **creds) as c:
+        t0 = time.monotonic()
+        assert {w["model"] for w in c.status()} == {"m"}
+        assert time.monotonic() - t0 < 4  # its share of connect_timeout, then the next
+        assert c.address == sup.address and c.addresses == [nobody, sup.address]
+        assert len(c.generate("m", "x", max_tokens=2, ignore_eos=True).tokens) == 2

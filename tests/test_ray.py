@@ -306,3 +306,20 @@ def test_removing_a_node_mid_stream_completes_on_another_and_its_models_come_bac
                                  "models_back_s": round(back_s, 2),
                                  "requests_during_removal": 30, "failed": 0}})
 
+
+
+def test_ray_down_stops_every_supervisor_and_worker(fleet: Fleet) -> None:
+    """(Last: it takes the fleet down.)"""
+    from llamafleet.ray.actors import get
+    pids = get(fleet.supervisor("a").pids.remote())
+    down = subprocess.run([sys.executable, "-m", "llamafleet", "ray", "down", "--address",
+                           fleet.cluster.address], capture_output=True, text=True, timeout=180)
+    assert down.returncode == 0, down.stderr
+    wait_for(lambda: not any(pid_alive(p) for p in pids["workers"]), timeout=30)
+    wait_for(lambda: lfray.state() is None, timeout=15)  # the controller is gone too
+    assert lfray.addresses() == []
+    with Client(fleet.addresses[0], timeout=5, connect_timeout=2,
+                curve_server_key=fleet.keys["server_public"],
+                curve_client_cert=fleet.keys["client_secret"]) as c:
+        with pytest.raises(Unavailable):
+            c.status(timeout=3)

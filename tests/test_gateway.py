@@ -560,3 +560,29 @@ def test_gateway_of_a_curve_fleet(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
         sup.stop()
+
+
+def test_speculative_reaches_the_worker_and_leaves_the_text_as_it_was(
+        gw: Supervisor, oai: openai.OpenAI) -> None:
+    """`speculative` (ours, in extra_body) is passed on: lookup drafts on a prompt that
+    repeats itself, "off" drafts nothing, and the completion is the same either way."""
+    with Client(gw.address, timeout=30) as c:
+        head = c.tokenize("tiny", "Once upon a time, in a land far away")
+        said = c.generate("tiny", tokens=head, max_tokens=80, temperature=0, ignore_eos=True)
+        echo = head + said.tokens + head[1:]  # the fake model now says it all again
+
+        def complete(mode: str | None) -> tuple[str, int]:
+            before = c.metrics("tiny").drafted_tokens
+            body = {"ignore_eos": True, **({"speculative": mode} if mode else {})}
+            r = oai.completions.create(model="tiny", prompt=echo, max_tokens=60,
+                                       temperature=0, extra_body=body)
+            return r.choices[0].text, c.metrics("tiny").drafted_tokens - before
+
+        plain, none = complete(None)  # the model's own setting: none configured
+        looked, drafted = complete("lookup")
+        off, zero = complete("off")
+    assert none == 0 and zero == 0 and drafted > 0
+    assert looked == plain == off
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="tiny", prompt="x", max_tokens=2,
+                               extra_body={"speculative": "fast"})

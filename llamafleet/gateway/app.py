@@ -343,7 +343,7 @@ class Gateway:
             raise tr.bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         kwargs = dict(max_tokens=tr.max_tokens_of(req, req.max_completion_tokens),
                       stop=tr.stops_of(req), session=req.session, ignore_eos=req.ignore_eos,
-                      keep_alive=tr.keep_alive_of(req),
+                      keep_alive=tr.keep_alive_of(req), speculative=tr.speculative_of(req),
                       logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                       timeout=self.settings.request_timeout,
                       add_special=False, parse_special=True,
@@ -445,7 +445,7 @@ class Gateway:
         schema = tr.schema_of(req.response_format, req.json_schema)
         kwargs = dict(max_tokens=tr.max_tokens_of(req, 16), stop=tr.stops_of(req),
                       ignore_eos=req.ignore_eos, session=req.session, logprobs=req.logprobs,
-                      keep_alive=tr.keep_alive_of(req),
+                      keep_alive=tr.keep_alive_of(req), speculative=tr.speculative_of(req),
                       timeout=self.settings.request_timeout, **tr.sampling_of(req, schema))
 
         def args(prompt: str | list[int]) -> dict[str, Any]:

@@ -124,8 +124,11 @@ class Sampled(Strict):
     ignore_eos: StrictBool = False
     # ours
     session: StrictStr | None = None
-    #: the on-demand lifecycle is not in this version: refused with not_supported
+    #: seconds the model stays loaded once idle (-1: never), as in Ollama
     keep_alive: Any = None
+    #: speculative decoding: "model" (its configuration; the default), "lookup",
+    #: "draft" or "off"
+    speculative: Literal["model", "lookup", "draft", "off"] | None = None
 
 
 class ChatCompletionRequest(Sampled):

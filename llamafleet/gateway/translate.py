@@ -66,6 +66,13 @@ def keep_alive_of(req: Sampled) -> float | None:
     return float(v)
 
 
+def speculative_of(req: Sampled) -> str | None:
+    """The client's ``speculative`` argument: the model's own setting by default,
+    None for "off"."""
+    mode = req.speculative or "model"
+    return None if mode == "off" else mode
+
+
 def sampling_of(req: Sampled, json_schema: Any = None) -> dict[str, Any]:
     """The request's sampling parameters (absent ones fall back to the model's
     defaults in the worker)."""

@@ -79,11 +79,13 @@ def test_speculative_peers(doc: dict) -> None:
         assert sp["lookup_vs_llama_cpp_python"] == lk["ratio"]
         assert lk["tokens"] == sp["tokens"] and lk["num_pred_tokens"] >= 1
         assert lk["prompt_tokens"] > 0 and isinstance(lk["same_tokens"], bool)
+        assert (lk["first_difference"] is None) == lk["same_tokens"]
     assert gl["speculative_vs_llama_cpp_python"]["value"] == sp["lookup_vs_llama_cpp_python"]
     # eight clients with lookup against the same run without it
     _check_interleaved(sp["c8"], "lookup_tokens_per_s", "plain_tokens_per_s")
     assert sp["c8_ratio"] == sp["c8"]["ratio"] and sp["c8_ratio_spread"] == sp["c8"]["ratio_spread"]
     assert gl["speculative_c8"]["value"] == sp["c8_ratio"]
+    assert sp["c8"]["drafted_tokens"] >= sp["c8"]["accepted_tokens"] >= 0
     # draft models: the model as its own greedy draft keeps every draft
     dm = sp["draft_model"]
     own = dm["self"]

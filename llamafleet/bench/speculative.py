@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -162,7 +163,17 @@ def lookup_vs_llama_cpp_python(c: Client, model: str, q: dict[str, Any],
             "ours_tokens_per_s": [o["tokens_per_s"] for o in ours],
             "peer_tokens_per_s": [t["tokens_per_s"] for t in theirs],
             "same_tokens": all(o["tokens"] == t["tokens"] for o, t in zip(ours, theirs)),
+            # where the two greedy outputs part (llama.cpp's batched vs single-token
+            # logits differ slightly; see docs/benchmarks.md), None if they never do
+            "first_difference": min((_first_difference(o["tokens"], t["tokens"])
+                                     for o, t in zip(ours, theirs)), default=None,
+                                    key=lambda x: n if x is None else x),
             "peer_version": peer.hello.get("version")}
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if a == b else i
 
 
 def c8_lookup(c: Client, model: str, q: dict[str, Any], progress: Callable[[str], None]
@@ -171,15 +182,20 @@ def c8_lookup(c: Client, model: str, q: dict[str, Any], progress: Callable[[str]
     without it, interleaved rounds after a warm-up; aggregate tokens/s, the median
     per-round ratio."""
     n, rounds, per_client = q["conc_tokens"], max(3, q["rounds"]), q["requests_per_client"]
+    counts = {"drafted": 0, "accepted": 0}  # the measured lookup runs'
+    lock = threading.Lock()
 
-    def runner(speculative: str | None) -> Callable[[int, int], dict[str, Any]]:
+    def runner(speculative: str | None, count: bool = False
+               ) -> Callable[[int, int], dict[str, Any]]:
         def one(i: int, r: int) -> dict[str, Any]:
             res = c.generate(model, f"Request {r} from client {i}. " + PROMPTS["grounded"],
                              max_tokens=n, temperature=0, ignore_eos=True,
                              speculative=speculative)
-            return {"tokens": len(res.tokens), "ttft_s": (res.stats.ttft_ms or 0.0) / 1e3,
-                    "drafted": res.stats.drafted_tokens,
-                    "accepted": res.stats.accepted_tokens}
+            if count:
+                with lock:
+                    counts["drafted"] += res.stats.drafted_tokens
+                    counts["accepted"] += res.stats.accepted_tokens
+            return {"tokens": len(res.tokens), "ttft_s": (res.stats.ttft_ms or 0.0) / 1e3}
         return one
 
     on: list[dict[str, Any]] = []
@@ -191,13 +207,14 @@ def c8_lookup(c: Client, model: str, q: dict[str, Any], progress: Callable[[str]
     for r in range(rounds):
         progress(f"speculative: 8 clients, round {r + 1}/{rounds}: lookup, then plain "
                  f"({per_client} request(s) x {n} tokens)")
-        on.append(concurrent_run(runner("lookup"), 8, per_client))
+        on.append(concurrent_run(runner("lookup", count=True), 8, per_client))
         off.append(concurrent_run(runner(None), 8, per_client))
     ratio, spread = ratios([x["tokens_per_s"] for x in on], [x["tokens_per_s"] for x in off])
     return {"ratio": ratio, "ratio_spread": spread, "rounds": rounds, "tokens": n,
             "requests_per_client": per_client,
             "lookup_tokens_per_s": [x["tokens_per_s"] for x in on],
-            "plain_tokens_per_s": [x["tokens_per_s"] for x in off]}
+            "plain_tokens_per_s": [x["tokens_per_s"] for x in off],
+            "drafted_tokens": counts["drafted"], "accepted_tokens": counts["accepted"]}
 
 
 def draft_models(fleet: Fleet, model_path: Path,

@@ -6,6 +6,11 @@ on an input-grounded prompt (repeat a given text of about 500 tokens, where look
 helps) and on free text (where it should cost nothing). Reported per prompt: the
 median of the per-round ratios of the worker's tokens/s and their spread, whether
 the tokens were the same in every round, and the drafted/accepted counts.
+
+:func:`phase_speculative_peers` adds, in the same run: lookup against llama-cpp-python's
+``LlamaPromptLookupDecoding`` (``lookup_peer.py``) on the grounded prompt, eight clients
+with lookup against eight without, and draft models (the model as its own draft, a tiny
+GGUF pair) on a second fleet.
 """
 
 from __future__ import annotations

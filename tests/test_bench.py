@@ -58,6 +58,47 @@ def test_speculative(doc: dict) -> None:
     assert doc["goals"]["speculative_lookup"]["value"] == sp["lookup_ratio"]
 
 
+def _check_interleaved(row: dict, ours: str, peer: str) -> None:
+    """A median of per-round ratios ours / peer, with its spread."""
+    assert row["rounds"] >= 3
+    assert len(row[ours]) == len(row[peer]) == row["rounds"]
+    assert all(_positive(x) for x in row[ours] + row[peer])
+    per_round = sorted(o / p for o, p in zip(row[ours], row[peer]))
+    assert row["ratio"] == pytest.approx(per_round[len(per_round) // 2])
+    assert row["ratio_spread"] == pytest.approx([per_round[0], per_round[-1]])
+
+
+def test_speculative_peers(doc: dict) -> None:
+    sp, gl = doc["speculative"], doc["goals"]
+    # llama-cpp-python's LlamaPromptLookupDecoding on the same grounded prompt
+    lk = sp["llama_cpp_python_lookup"]
+    if "skipped" in lk:
+        assert sp["lookup_vs_llama_cpp_python"] is None and lk["skipped"]
+    else:
+        _check_interleaved(lk, "ours_tokens_per_s", "peer_tokens_per_s")
+        assert sp["lookup_vs_llama_cpp_python"] == lk["ratio"]
+        assert lk["tokens"] == sp["tokens"] and lk["num_pred_tokens"] >= 1
+        assert lk["prompt_tokens"] > 0 and isinstance(lk["same_tokens"], bool)
+        assert (lk["first_difference"] is None) == lk["same_tokens"]
+    assert gl["speculative_vs_llama_cpp_python"]["value"] == sp["lookup_vs_llama_cpp_python"]
+    # eight clients with lookup against the same run without it
+    _check_interleaved(sp["c8"], "lookup_tokens_per_s", "plain_tokens_per_s")
+    assert sp["c8_ratio"] == sp["c8"]["ratio"] and sp["c8_ratio_spread"] == sp["c8"]["ratio_spread"]
+    assert gl["speculative_c8"]["value"] == sp["c8_ratio"]
+    assert sp["c8"]["drafted_tokens"] >= sp["c8"]["accepted_tokens"] >= 0
+    # draft models: the model as its own greedy draft keeps every draft
+    dm = sp["draft_model"]
+    own = dm["self"]
+    assert own["drafted_tokens"] > 0 and own["accepted_tokens"] == own["drafted_tokens"]
+    assert sp["draft_model_acceptance"] == own["acceptance"] == 1.0
+    assert own["same_tokens"] is True and gl["draft_model_self_acceptance"]["met"] is True
+    pair = dm["pair"]  # a tiny GGUF pair (random weights: any acceptance)
+    assert pair["drafted_tokens"] >= pair["accepted_tokens"] >= 0
+    if pair["drafted_tokens"]:
+        assert pair["acceptance"] == pair["accepted_tokens"] / pair["drafted_tokens"]
+    assert pair["same_tokens"] is True  # greedy output unchanged by the drafts
+
+
 def test_single_stream(doc: dict) -> None:
     ss = doc["single_stream"]
     for key in ("tokens_per_s", "inprocess_tokens_per_s", "ratio", "client_tokens_per_s"):

@@ -19,12 +19,58 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 #: interleaved rounds (ours, peer, ours, peer, ...) of every ours-vs-peer comparison
 ROUNDS = 3
+
+
+def ratios(ours: Sequence[float | None], peer: Sequence[float | None]
+           ) -> tuple[float | None, list[float] | None]:
+    """The median of the per-round ratios ours / peer, and their [min, max]."""
+    rs = [o / t for o, t in zip(ours, peer) if o and t]
+    return (statistics.median(rs), [min(rs), max(rs)]) if rs else (None, None)
+
+
+class LineProcess:
+    """A peer script in a subprocess, driven by one JSON line each way: its first line
+    (``hello``) says it is ready, or why not (``{"error": ...}``)."""
+
+    name = "peer"
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.hello: dict[str, Any] = (json.loads(line) if line else
+                                      {"error": f"{self.name} exited ({self.proc.wait()})"})
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Send ``req``, return the answer; an ``{"error": ...}`` answer raises."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited ({self.proc.wait()})")
+        out: dict[str, Any] = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"{self.name}: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write('{"quit": true}\n')
+                self.proc.stdin.close()
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def peers_dir() -> Path:

@@ -17,18 +17,18 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from llamafleet.bench import peers, rtt
 from llamafleet.bench.http import phase_http
-from llamafleet.bench.speculative import phase_speculative
+from llamafleet.bench.peers import ratios
+from llamafleet.bench.speculative import phase_speculative, phase_speculative_peers
 from llamafleet.client import Client
 from llamafleet.runtime.config import Config, SupervisorConfig, default_model_path
 from llamafleet.runtime.errors import LlamafleetError
@@ -118,7 +118,10 @@ def tiny_model(directory: Path) -> Path:
 
 # ---------------------------------------------------------------------- fleets
 def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
-                n_seq_max: int, transport: str = "ipc", http: bool = False) -> Any:
+                n_seq_max: int, transport: str = "ipc", http: bool = False,
+                models: dict[str, dict[str, Any]] | None = None) -> Any:
+    """A supervisor serving the bench's model as ``MODEL`` (or ``models``: name to
+    options), stopped when ``stack`` closes."""
     rd = Path(tempfile.mkdtemp(prefix="lfb-", dir="/tmp"))
     stack.callback(shutil.rmtree, rd, True)
     sup_cfg: dict[str, Any] = {"runtime_dir": str(rd), **FLEET_SETTINGS}
@@ -126,7 +129,7 @@ def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
         sup_cfg.update(transport="tcp", address="tcp://127.0.0.1:*")
         # loopback only; CURVE (encryption) is not measured here
         sup_cfg["insecure_tcp"] = True
-    raw: dict[str, Any] = {"supervisor": sup_cfg, "models": {MODEL: {
+    raw: dict[str, Any] = {"supervisor": sup_cfg, "models": models or {MODEL: {
         "backend": "llama", "path": str(model_path), "n_ctx": n_ctx, "n_seq_max": n_seq_max,
         "n_threads": threads, "n_threads_batch": threads}}}
     if http:
@@ -138,43 +141,21 @@ def start_fleet(stack: ExitStack, model_path: Path, threads: int, n_ctx: int,
     return sup
 
 
-class InProcessPeer:
+class InProcessPeer(peers.LineProcess):
     """llamafleet/bench/inprocess.py in a subprocess, driven line by line."""
 
-    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("inprocess.py")), "--model",
-             str(model), "--threads", str(threads), "--n-ctx", str(n_ctx)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        hello = self._read()
-        if not hello.get("ready"):
-            raise RuntimeError(f"in-process peer failed: {hello}")
+    name = "in-process peer"
 
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"in-process peer exited ({self.proc.wait()})")
-        out = json.loads(line)
-        if "error" in out:
-            raise RuntimeError(f"in-process peer: {out['error']}")
-        return out
+    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
+        super().__init__([sys.executable, str(Path(__file__).with_name("inprocess.py")),
+                          "--model", str(model), "--threads", str(threads),
+                          "--n-ctx", str(n_ctx)])
+        if not self.hello.get("ready"):
+            self.close()
+            raise RuntimeError(f"in-process peer failed: {self.hello}")
 
     def run(self, prompt: str, tokens: int) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "tokens": tokens}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write('{"quit": true}\n')
-            self.proc.stdin.close()
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
+        return self.request({"prompt": prompt, "tokens": tokens})
 
 
 def stream_once(client: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -203,13 +184,6 @@ def stream_once(client: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
 def _median(xs: list[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
     return statistics.median(vals) if vals else None
-
-
-def ratios(ours: list[float | None], peer: list[float | None]
-           ) -> tuple[float | None, list[float] | None]:
-    """The median of the per-round ratios ours / peer, and their [min, max]."""
-    rs = [o / t for o, t in zip(ours, peer) if o and t]
-    return (statistics.median(rs), [min(rs), max(rs)]) if rs else (None, None)
 
 
 def c8_prompt(i: int, r: int, n_clients: int = 8) -> str:
@@ -346,6 +320,21 @@ def phase_llama_server(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[
 
 
 C8_ROUNDS = peers.ROUNDS
+
+
+def speculative(sup: Any, model: Path, threads: int, n_ctx: int, q: dict[str, Any]
+                ) -> dict[str, Any]:
+    """Lookup vs plain, then llama-cpp-python's lookup, eight clients and draft models
+    (llamafleet/bench/speculative.py)."""
+
+    @contextmanager
+    def fleet(models: dict[str, dict[str, Any]]) -> Iterator[Any]:
+        with ExitStack() as s:
+            yield start_fleet(s, model, threads, n_ctx, 1, models=models)
+
+    out = phase_speculative(sup, MODEL, q, progress)
+    out.update(phase_speculative_peers(sup, MODEL, q, progress, model, threads, n_ctx, fleet))
+    return out
 
 
 def phase_rtt(sup: Any, stack: ExitStack, model: Path, threads: int, n_ctx: int,
@@ -488,7 +477,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  f"{args.threads} threads, n_ctx {args.n_ctx}")
         progress("starting the fleet (n_seq_max 8, ipc)")
         t = time.perf_counter()
-        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8, http=not args.rtt_only)
+        http = not (args.rtt_only or args.speculative_only)
+        sup = start_fleet(stack, model, args.threads, args.n_ctx, 8, http=http)
         progress(f"fleet ready in {time.perf_counter() - t:.2f} s")
 
         result: dict[str, Any] = {
@@ -502,8 +492,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["rtt_us"] = phase_rtt(sup, stack, model, args.threads, args.n_ctx, q)
             progress("stopping the fleet")
             return result
+        if args.speculative_only:
+            result["speculative"] = speculative(sup, model, args.threads, args.n_ctx, q)
+            progress("stopping the fleet")
+            return result
         result["single_stream"] = phase_single(sup, model, args.threads, args.n_ctx, q)
-        result["speculative"] = phase_speculative(sup, MODEL, q, progress)
+        result["speculative"] = speculative(sup, model, args.threads, args.n_ctx, q)
         result["concurrency"] = phase_concurrency(sup, q)
         result["llama_batched_bench"] = phase_llama_batched_bench(model, args.threads,
                                                                   args.n_ctx, q)
@@ -571,9 +565,21 @@ def goals(r: dict[str, Any]) -> dict[str, Any]:
 def _speculative_goals(sp: dict[str, Any], g: Callable[..., dict[str, Any]]
                        ) -> dict[str, Any]:
     lk, ft = sp["lookup_ratio"], sp["free_text_ratio"]
+    vs, c8 = sp["lookup_vs_llama_cpp_python"], sp["c8_ratio"]
+    own = sp["draft_model"]["self"]
     return {"speculative_lookup": g(lk, ">= 1.5x", None if lk is None else lk >= 1.5,
                                     same_tokens=sp["same_tokens"]),
-            "speculative_free_text": g(ft, ">= 0.97x", None if ft is None else ft >= 0.97)}
+            "speculative_free_text": g(ft, ">= 0.97x", None if ft is None else ft >= 0.97),
+            "speculative_vs_llama_cpp_python": g(
+                vs, ">= 1x", None if vs is None else vs >= 1.0,
+                spread=sp["llama_cpp_python_lookup"].get("ratio_spread")),
+            "speculative_c8": g(c8, ">= 1x", None if c8 is None else c8 >= 1.0,
+                                spread=sp["c8_ratio_spread"]),
+            # the model as its own greedy draft: every drafted token kept
+            "draft_model_self_acceptance": g(
+                sp["draft_model_acceptance"], "100%",
+                None if not own["drafted_tokens"]
+                else own["accepted_tokens"] == own["drafted_tokens"])}
 
 
 def _f(x: Any, fmt: str = "{:.1f}") -> str:
@@ -654,6 +660,15 @@ def table(r: dict[str, Any]) -> str:
         f"({mark('speculative_lookup')}; same tokens: {r['speculative']['same_tokens']})",
         f"  free text      {_f(r['speculative']['free_text_ratio'], '{:.2f}')}x  "
         f"({mark('speculative_free_text')})",
+        f"  grounded, vs llama-cpp-python's LlamaPromptLookupDecoding  "
+        f"{_f(r['speculative']['lookup_vs_llama_cpp_python'], '{:.2f}')}x  "
+        f"({mark('speculative_vs_llama_cpp_python')})",
+        f"  8 clients, grounded, lookup / plain  {_f(r['speculative']['c8_ratio'], '{:.2f}')}x"
+        f"  ({mark('speculative_c8')})",
+        f"  draft model: itself, greedy acceptance "
+        f"{_f(r['speculative']['draft_model_acceptance'], '{:.3f}')}  "
+        f"({mark('draft_model_self_acceptance')}); tiny pair "
+        f"{_f(r['speculative']['draft_model'].get('pair', {}).get('acceptance'), '{:.3f}')}",
         "",
         f"recovery after SIGKILL  {r['recovery_s']:.3f} s  ({mark('recovery_s')}; "
         f"heartbeat {r['recovery']['settings']['heartbeat_interval']} s, backoff "
@@ -692,6 +707,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--rtt-only", dest="rtt_only", action="store_true",
                    help="only the ping round trips (both clients beside a bare pyzmq "
                         "ping-pong); a few seconds with --quick")
+    p.add_argument("--speculative-only", dest="speculative_only", action="store_true",
+                   help="only the speculative-decoding figures (lookup vs plain, vs "
+                        "llama-cpp-python's lookup, 8 clients, draft models)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -709,6 +727,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         print(json.dumps(result, indent=2))
     elif args.rtt_only:
         print("\n".join(rtt_lines(result["rtt_us"])))
+    elif args.speculative_only:
+        print(json.dumps(result["speculative"], indent=2))
     else:
         print(table(result))
     return 0

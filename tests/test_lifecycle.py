@@ -511,10 +511,11 @@ def test_a_session_sticks_to_its_replica_and_moves_with_its_kv_when_that_one_die
                  and _state(c, "r", 0)["pid"] not in (None, old), timeout=30)
         history[s] += moved.text + "\nuser: thanks\nassistant:"
         time.sleep(0.6)  # the client's pool learns the restarted replica
+        saved_by_1 = len(c.tokenize("r", history[s])) - len(c.tokenize(
+            "r", "\nuser: thanks\nassistant:", add_special=False))
         back, where = turn(s, history[s])
         assert where == 0  # home again, and it has the turn replica 1 saved
-        assert back.stats.cached_tokens > moved.stats.cached_tokens
-        assert back.cache == "disk"
+        assert back.stats.cached_tokens >= saved_by_1 - 1 > moved.stats.cached_tokens
 
 
 @pytest.mark.parametrize("replicas", [2, 1])

@@ -355,10 +355,12 @@ class AsyncClient:
                 return await self._supervisor_at(cmd, args, max(0.001, deadline - _now()),
                                                  max(1.0, patience))
             except Unavailable as exc:
-                if exc.data.get("address") != self.address or self._closed or \
+                failed = exc.data.get("address")
+                if failed not in self.addresses or self._closed or \
                         attempt == len(self.addresses) - 1:
                     raise  # the supervisor's own answer, or nobody left to ask
-                self._fail_over(exc)
+                if failed == self.address:  # else another call has moved on already
+                    self._fail_over(exc)
         raise AssertionError("unreachable")
 
     def _fail_over(self, why: Unavailable) -> None:
@@ -372,7 +374,7 @@ class AsyncClient:
 
     async def _supervisor_at(self, cmd: str, args: dict[str, Any], limit: float,
                              patience: float) -> Any:
-        control = self._open_control()
+        address, control = self.address, self._open_control()
         if not self._control_up.is_set() or self._control_error is not None:
             # a DEALER queues messages for a peer that is not there: without this wait a
             # call to an address where nothing listens would wait for its whole timeout
@@ -380,11 +382,13 @@ class AsyncClient:
                 await asyncio.wait_for(self._control_up.wait(), min(limit, patience))
             except TimeoutError:
                 raise Unavailable(
-                    f"no supervisor is answering at {self.address}: start a fleet with "
+                    f"no supervisor is answering at {address}: start a fleet with "
                     "`llamafleet serve --config FILE` (or pass the right --address)",
-                    data={"address": self.address}) from None
+                    data={"address": address}) from None
             if self._control_error is not None:  # a fresh copy: no growing traceback
                 raise error_from_wire(self._control_error.to_wire())
+        if self._control is not control:  # another call moved to the next address
+            raise Unavailable(f"left the supervisor at {address}", data={"address": address})
         req_id = next(self._ids)
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._control_calls[req_id] = q
@@ -393,7 +397,7 @@ class AsyncClient:
             try:
                 msg = await asyncio.wait_for(q.get(), limit)
             except TimeoutError:
-                raise RequestTimeout(f"supervisor at {self.address} did not answer {cmd} "
+                raise RequestTimeout(f"supervisor at {address} did not answer {cmd} "
                                      f"within {limit:.1f}s") from None
         finally:
             self._control_calls.pop(req_id, None)

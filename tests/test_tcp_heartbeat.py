@@ -95,3 +95,24 @@ def test_a_client_given_several_addresses_uses_the_next_when_one_is_not_there(
         assert time.monotonic() - t0 < 4  # its share of connect_timeout, then the next
         assert c.address == sup.address and c.addresses == [nobody, sup.address]
         assert len(c.generate("m", "x", max_tokens=2, ignore_eos=True).tokens) == 2
+
+
+def test_calls_at_once_all_move_to_the_next_address_together(tcp_fleet,
+                                                            tmp_path: Path) -> None:
+    sup, creds = tcp_fleet
+    nobody = f"ipc://{tmp_path}/nobody.sock"
+    with Client(f"{nobody},{sup.address}", timeout=30, connect_timeout=4, **creds) as c:
+        got: list[object] = []
+
+        def ask() -> None:
+            try:
+                got.append(len(c.status()))
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                got.append(exc)
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert got == [2] * 6, got  # every call answered (two replicas), none refused

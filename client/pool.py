@@ -294,9 +294,12 @@ class ModelPool:
         self.replicas = found.replicas
         self.refreshed = now
         listed = {e.generation for e in found.endpoints}
+        replica_of = {e.generation: e.replica for e in found.endpoints}
         for conn in self.live():
             if conn.generation not in listed:
                 self.retire(conn)
+            else:  # a cluster renumbers its replicas when a node's move elsewhere
+                conn.replica = replica_of[conn.generation]
         for e in found.endpoints:
             if e.generation not in self.conns and e.generation not in self.dead:
                 self.conns[e.generation] = connect(e)

@@ -78,3 +78,19 @@ def test_a_pool_in_use_is_due_for_a_background_lookup_every_rescan_period() -> N
         assert pool.stale(100.0 + 2 * RESCAN_S)
     finally:
         loop.close()
+
+
+def test_a_lookup_that_renumbers_replicas_renumbers_the_connections() -> None:
+    """A cluster renumbers replicas when a lost node's move elsewhere: a connection
+    kept by its generation takes the number the lookup gives it."""
+    from llamafleet.runtime import protocol
+    pool = ModelPool("m")
+    b, c = FakeConn(1, 20), FakeConn(2, 30)
+    pool.conns = {20: b, 30: c}  # type: ignore[dict-item]
+    found = protocol.ModelEndpoints(model="m", replicas=3, endpoints=[
+        protocol.WorkerEndpoint(model="m", endpoint="tcp://b:1", generation=20, replica=0),
+        protocol.WorkerEndpoint(model="m", endpoint="tcp://c:1", generation=30, replica=1),
+        protocol.WorkerEndpoint(model="m", endpoint="tcp://d:1", generation=40, replica=2)])
+    pool.update(found, 0.0, lambda e: FakeConn(e.replica, e.generation))  # type: ignore[arg-type,return-value]
+    assert {g: conn.replica for g, conn in pool.conns.items()} == {20: 0, 30: 1, 40: 2}
+    assert pool.pick(pool.live(), seq=0) is b

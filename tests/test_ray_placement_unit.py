@@ -47,3 +47,15 @@ def test_a_model_without_declarations_takes_one_cpu() -> None:
                                              "resources": {"gpu_slot": 1}}}})
     assert Demand.of(cfg.models["m"]).take == {"CPU": 1.0}
     assert Demand.of(cfg.models["g"]) == Demand("g", 1, {"CPU": 0.5, "gpu_slot": 1.0})
+
+
+def test_ray_refuses_models_it_would_not_keep_loaded() -> None:
+    pytest = __import__("pytest")
+    pytest.importorskip("ray")
+    from llamafleet.ray.actors import check
+    from llamafleet.runtime.errors import ConfigError
+    base = {"supervisor": {"runtime_dir": "/tmp/lf-unit", "insecure_tcp": True}}
+    assert check({**base, "models": {"m": {"backend": "fake"}}}).models["m"].keep_alive == -1
+    for table in ({"load": "on_demand"}, {"keep_alive": 60}):
+        with pytest.raises(ConfigError, match="keeps every model loaded"):
+            check({**base, "models": {"m": {"backend": "fake", **table}}})

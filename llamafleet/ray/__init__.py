@@ -79,9 +79,9 @@ def up(config: str | os.PathLike[str] | dict[str, Any], *, address: str | None =
     """Start (or update) the fleet on the Ray cluster at ``address`` (default:
     ``$RAY_ADDRESS``, else the local one); returns the supervisors' control
     addresses once every node that got models has reported."""
-    from llamafleet.ray.actors import get
+    from llamafleet.ray.actors import check, get
     raw = config if isinstance(config, dict) else read_config(config)
-    Config.from_dict(raw)
+    check(raw)
     ctl = _controller(address, create=True)
     st = get(ctl.up.remote(raw))
     deadline = time.monotonic() + timeout

@@ -44,6 +44,8 @@ HEAD = "node:__internal_head__"
 CONTROLLER = "llamafleet-controller"
 #: seconds between two reports of a node's supervisor (and node checks)
 REPORT_S = 0.5
+#: a supervisor silent this long (seconds) is left out of the others' views
+STALE_S = 3.0
 #: the internal KV key of the fleet's configuration (the controller survives restarts)
 STATE_KEY = b"llamafleet/config"
 
@@ -78,6 +80,19 @@ def alive_nodes() -> list[Node]:
         res["memory_mb"] = res.pop("memory", 0.0) / (1 << 20)
         out.append(Node(n["NodeID"], res))
     return out
+
+
+def check(raw: dict[str, Any]) -> Config:
+    """A fleet file as Ray runs it (ConfigError otherwise): models are placed and
+    kept loaded, so ``load = "on_demand"`` and an idle ``keep_alive`` are refused
+    (another node's supervisor would not load or keep them for a lookup here)."""
+    from llamafleet.runtime.errors import ConfigError
+    cfg = Config.from_dict(raw)
+    for m in cfg.models.values():
+        if m.on_demand or m.keep_alive >= 0:
+            raise ConfigError(f"[models.{m.name}] llamafleet ray keeps every model loaded "
+                              "where it is placed: drop load = \"on_demand\" and keep_alive")
+    return cfg
 
 
 def node_config(raw: dict[str, Any], models: dict[str, int], node_id: str,
@@ -133,7 +148,7 @@ class ControllerActor:
         """Take the fleet's configuration (a parsed TOML document), place it and
         start the supervisors. Raises ConfigError for a configuration that does
         not load."""
-        Config.from_dict(raw)  # refused whole, before anything starts
+        check(raw)  # refused whole, before anything starts
         import msgpack
         from ray.experimental import internal_kv
         internal_kv._internal_kv_put(STATE_KEY, msgpack.packb(raw), overwrite=True)
@@ -147,9 +162,11 @@ class ControllerActor:
         internal_kv._internal_kv_del(STATE_KEY)
         with self._lock:
             sups, self.supervisors = list(self.supervisors.values()), {}
-        get([s.stop.remote() for s in sups], timeout=60)
-        for s in sups:
-            ray.kill(s, no_restart=True)
+        try:  # let them drain; a frozen or lost one does not hold the others up
+            ray.wait([s.stop.remote() for s in sups], num_returns=len(sups), timeout=60)
+        finally:
+            for s in sups:
+                ray.kill(s, no_restart=True)
 
     def state(self) -> dict[str, Any]:
         """The placement (model -> node -> replicas), what could not be placed, the
@@ -157,11 +174,11 @@ class ControllerActor:
         with self._lock:
             return {"placement": {m: dict(n) for m, n in self.placement.nodes.items()},
                     "missing": dict(self.placement.missing), "version": self.version,
-                    "addresses": {n: r.address for n, r in self.reports.items()}}
+                    "addresses": {n: r.address for n, r in self._fresh().items()}}
 
     def _apply(self, raw: dict[str, Any]) -> None:
         with self._lock:
-            self.raw, self.config = raw, Config.from_dict(raw)
+            self.raw, self.config = raw, check(raw)
             self._replace(previous=None)
 
     def _replace(self, previous: dict[str, dict[str, int]] | None) -> None:
@@ -226,6 +243,12 @@ class ControllerActor:
             self.reports[node_id] = _Report(address, endpoints, workers, time.monotonic())
             return self.version, self._view(node_id)
 
+    def _fresh(self) -> dict[str, _Report]:
+        """The reports of supervisors that reported lately (a silent one's workers
+        are not handed out)."""
+        now = time.monotonic()
+        return {n: r for n, r in self.reports.items() if now - r.at < STALE_S}
+
     def _view(self, me: str) -> dict[str, Any]:
         p = self.placement
 
@@ -237,7 +260,7 @@ class ControllerActor:
 
         remote: dict[str, list[dict[str, Any]]] = {m: [] for m in p.nodes}
         workers: list[dict[str, Any]] = []
-        for node, rep in self.reports.items():
+        for node, rep in self._fresh().items():
             if node == me:
                 continue
             for e in rep.endpoints:
@@ -307,10 +330,11 @@ class NodeSupervisorActor:
                     [e.to_wire() for e in self.sup.local_endpoints()], local), timeout=10)
                 self.sup.set_cluster(view_from_wire(view))
                 if version != self.version:
-                    self.version, raw = get(self.controller.assignment.remote(
+                    new_version, raw = get(self.controller.assignment.remote(
                         self.node_id, self.ip), timeout=10)
                     if raw is not None:
                         self.sup.reload(Config.from_dict(raw))
+                    self.version = new_version  # only once applied: a failure retries
             except Exception as exc:  # the controller restarts: report again later
                 log.warning("report to the llamafleet controller failed: %s", exc)
 

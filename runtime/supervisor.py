@@ -140,6 +140,13 @@ class WorkerHandle:
         """A process exists or is about to (it holds, or will hold, memory)."""
         return self.proc is not None or self.state in ("starting", "restarting")
 
+    def published(self) -> protocol.WorkerEndpoint:
+        """This ready worker as the registry and lookups list it."""
+        assert self.endpoint is not None
+        return protocol.WorkerEndpoint(
+            model=self.model.name, endpoint=self.endpoint, generation=self.generation,
+            pid=self.pid, backend=self.model.backend, replica=self.replica)
+
     def state_data(self) -> dict[str, Any]:
         """The structured details of errors about this worker."""
         return {"model": self.model.name, "replica": self.replica, "state": self.state,
@@ -335,11 +342,8 @@ class Supervisor:
 
     def local_endpoints(self) -> list[protocol.WorkerEndpoint]:
         """The ready workers of this supervisor (from any thread: a snapshot)."""
-        return [protocol.WorkerEndpoint(
-            model=h.model.name, endpoint=h.endpoint, generation=h.generation, pid=h.pid,
-            backend=h.model.backend, replica=h.replica)
-            for h in list(self.handles())
-            if h.state == "ready" and h.endpoint and h not in self._retiring]
+        return [h.published() for h in list(self.handles())
+                if h.state == "ready" and h.endpoint and h not in self._retiring]
 
     def _request_stop(self) -> None:
         self._stop.set()
@@ -1070,9 +1074,7 @@ class Supervisor:
                 slot.measured_mb = max(slot.measured_mb or 0.0, h.rss_mb)
             log.info("worker %s ready (pid %s) on %s", self._label(h), h.pid, h.endpoint)
             if h not in self._retiring:
-                self._answer_all(self.registry.register(protocol.WorkerEndpoint(
-                    model=h.model.name, endpoint=ev.endpoint, generation=h.generation,
-                    pid=h.pid, backend=h.model.backend, replica=h.replica)))
+                self._answer_all(self.registry.register(h.published()))
             self._notify()
 
     def _on_service_beat(self, ev: protocol.ServiceBeat) -> None:

@@ -158,7 +158,7 @@ def test_keep_alive_unloads_idle_models_but_never_pinned_ones(fleet) -> None:
         pinned = _state(c, "pinned")
         assert pinned["state"] == "ready" and pinned["keep_alive"] == -1
         # the next request loads it again
-        assert c.generate("brief", "x", max_tokens=2).tokens
+        assert c.generate("brief", "x", max_tokens=2, ignore_eos=True).tokens
         assert _state(c, "brief")["state"] == "ready"
 
 
@@ -337,7 +337,7 @@ def test_reload_under_load_adds_removes_and_changes_with_nothing_failed(
         assert set(now) == {("keep", 0), ("chg", 0), ("chg", 1), ("new", 0)}
         with Client(sup.address, timeout=30) as c:
             assert c.info("chg").n_ctx == 2048
-            assert c.generate("new", "x", max_tokens=2).tokens
+            assert c.generate("new", "x", max_tokens=2, ignore_eos=True).tokens
             with pytest.raises(NotFound):
                 c.ping("gone")
         record("lifecycle_reload", requests_during=sum(counts.values()), failed=0)
@@ -378,7 +378,7 @@ def test_cli_load_unload_reload_and_sighup(short_dir: Path, tmp_path: Path) -> N
             _write(cfg, short_dir, {"m": {"backend": "fake", "load": "on_demand"}})
             serve.send_signal(signal.SIGHUP)
             wait_for(lambda: {w["model"] for w in c.status()} == {"m"}, timeout=20)
-            assert c.generate("m", "x", max_tokens=2).tokens  # loaded on demand
+            assert c.generate("m", "x", max_tokens=2, ignore_eos=True).tokens  # loaded on demand
     finally:
         serve.terminate()
         serve.wait(30)

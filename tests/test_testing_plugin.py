@@ -58,14 +58,14 @@ class TestOverriddenModels:
         assert sorted(w["model"] for w in llamafleet_fleet.status()) == ["alpha", "beta"]
         assert llamafleet_fleet.sup.heartbeat_timeout == 3.0
         for model in ("alpha", "beta"):
-            assert llamafleet_client.generate(model, "Hello", max_tokens=4).text
+            assert llamafleet_client.generate(model, "Hello", max_tokens=4, ignore_eos=True).text
         with pytest.raises(NotFound):
             llamafleet_client.generate("fake", "Hello", max_tokens=4)
 
 
 @pytest.mark.parametrize("llamafleet_models", [{"solo": {"backend": "fake"}}])
 def test_models_parametrized_directly(llamafleet_client: Client) -> None:
-    assert llamafleet_client.generate("solo", "x", max_tokens=2).text
+    assert llamafleet_client.generate("solo", "x", max_tokens=2, ignore_eos=True).text
 
 
 # -- the helpers ---------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_fake_fleet_reports_a_model_that_fails_to_load() -> None:
             pytest.fail("the block must not run")
     # waiting only for the good model lets a test look at the broken one
     with fake_fleet(models, wait=["ok"]) as sup, fake_client(sup) as c:
-        assert c.generate("ok", "Hello", max_tokens=2).text
+        assert c.generate("ok", "Hello", max_tokens=2, ignore_eos=True).text
 
 
 def test_tiny_gguf_writer_is_exported_lazily(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ USER_TESTS_OWN_MODELS = '''
 
     def test_chat_model(llamafleet_client, llamafleet_fleet):
         assert [w["model"] for w in llamafleet_fleet.status()] == ["chat"]
-        assert llamafleet_client.generate("chat", "Hi", max_tokens=3).text
+        assert llamafleet_client.generate("chat", "Hi", max_tokens=3, ignore_eos=True).text
 '''
 
 

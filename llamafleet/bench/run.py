@@ -446,7 +446,7 @@ def phase_recovery(sup: Any, q: dict[str, Any]) -> dict[str, Any]:
 def settings(quick: bool, tokens: int | None) -> dict[str, Any]:
     if quick:
         q = {"quick": True, "tokens": 32, "rounds": 3, "conc_tokens": 16,
-             "requests_per_client": 1, "pings": 300, "rtt_rounds": 3, "kv_reps": 2,
+             "requests_per_client": 1, "pings": 500, "rtt_rounds": 5, "kv_reps": 2,
              "recovery_reps": 1, "llama_bench_reps": 1}
     else:
         q = {"quick": False, "tokens": 128, "rounds": 3, "conc_tokens": 128,

@@ -73,7 +73,17 @@ class LlamaBackend(Backend):
         self.n_threads_opt, self.n_threads_batch_opt = thread_counts(o)
         self.n_gpu_layers_opt: int = o["n_gpu_layers"]
         self.flash_attn_opt = flash_mode(o["flash_attn"])
+        self.batch_invariant_opt: bool = o["batch_invariant"]
         self.kv_unified_opt: bool = o["kv_unified"]
+        if self.batch_invariant_opt:
+            if self.flash_attn_opt == "on":
+                raise BadRequest("batch_invariant needs flash_attn off: llama.cpp's CPU flash "
+                                 "attention computes a token differently by batch size")
+            if self.kv_unified_opt:
+                raise BadRequest("batch_invariant needs kv_unified off: in a unified KV the "
+                                 "cells of sequences interleave, and a token's attention sums "
+                                 "depend on where its cells lie")
+            self.flash_attn_opt = "off"
         self.type_k_opt: str = o["type_k"]
         self.type_v_opt: str = o["type_v"]
         self.embeddings_opt: bool = o["embeddings"]
@@ -130,10 +140,13 @@ class LlamaBackend(Backend):
         max_par = native.max_parallel_sequences(self.lib)
         if n_seq > max_par:
             raise BadRequest(f"n_seq_max {n_seq} exceeds llama.cpp's limit {max_par}")
+        if self.batch_invariant_opt and min(self.n_batch_opt, self.n_ubatch_opt) < 2:
+            raise BadRequest("batch_invariant needs n_batch and n_ubatch of at least 2")
         self._abort_flag = native.AbortFlag(self.ffi)
         try:
             ctx = native.LlamaContext(
-                model, n_ctx=n_ctx * n_seq, n_batch=self.n_batch_opt,
+                # batch_invariant: a cell more per sequence for a throwaway token
+                model, n_ctx=(n_ctx + self.batch_invariant_opt) * n_seq, n_batch=self.n_batch_opt,
                 n_ubatch=min(self.n_ubatch_opt, self.n_batch_opt), n_seq_max=n_seq,
                 n_threads=self.n_threads_opt, n_threads_batch=self.n_threads_batch_opt,
                 flash_attn=_FLASH[self.flash_attn_opt], kv_unified=self.kv_unified_opt,
@@ -150,7 +163,7 @@ class LlamaBackend(Backend):
         # our per-sequence limit: what the user asked (capped), never more than llama's
         self.n_ctx = min(n_ctx, ctx.n_ctx_seq)
 
-        self._seqs = Sequences(ctx, self.n_vocab)  # per-sequence state
+        self._seqs = Sequences(ctx, self.n_vocab, invariant=self.batch_invariant_opt)
         self._tokens, self._logits = self._seqs.tokens, self._seqs.logits
         self._has_logits = self._seqs.has_logits
         self._samplers = [None] * self.n_seq_max
@@ -182,6 +195,7 @@ class LlamaBackend(Backend):
             extra={"n_ctx_total": self.n_ctx_total, "n_ubatch": self.n_ubatch,
                    "n_layer": self.n_layer, "description": model.desc(),
                    "model_size": model.size, "kv_unified": self.kv_unified_opt,
+                   "batch_invariant": self.batch_invariant_opt,
                    "flash_attn": self.flash_attn_opt, "type_k": self.type_k_opt,
                    "type_v": self.type_v_opt, "n_threads": self.n_threads_opt,
                    "n_gpu_layers": self.n_gpu_layers_opt, "library": binding.library_path(),

@@ -16,6 +16,21 @@ Notes on options whose meaning is more than their one-line doc:
   (``type_v`` other than f16/f32/bf16) needs flash attention.
 * ``pooling`` "unspecified" is the model's default (mean when it has none).
 * ``seed`` is used when a request's seed is negative.
+* ``batch_invariant`` makes a token's logits and KV independent of how it was
+  batched: on llama.cpp's CPU backend a lone token can take other matmul kernels
+  than a batch of two or more, flash attention depends on the batch size at long
+  contexts, llama.cpp splits a batch whose sequences bring different token counts
+  into ubatches (some of them lone tokens), a ubatch spanning several sequences'
+  KV streams computes attention differently at some lengths, and in a unified KV a
+  sequence's cells interleave with others'. Logits moved by up to ~0.9 here,
+  enough to change greedy text. With it: flash attention off (``flash_attn =
+  "on"`` is refused), a KV stream per sequence (``kv_unified`` is refused), one
+  llama_decode call per sequence (so sequences no longer share a decode's weight
+  reads), and a lone token decoded beside a throwaway token of its own sequence
+  (removed at once). Greedy output then does not depend on the load, the prefix
+  cache or speculative decoding (checked bitwise on SmolLM2). It slows decoding,
+  most where sequences run together (see docs/benchmarks.md); it promises nothing
+  on GPU backends.
 """
 
 from __future__ import annotations
@@ -80,6 +95,8 @@ OPTIONS: dict[str, Field] = {
                           doc="layers offloaded to a GPU (-1: all)"),
     "flash_attn": Field((str, bool), default="auto", doc="auto, on or off", check=_check_flash),
     "kv_unified": Field((bool,), default=False, doc="one KV buffer for all sequences"),
+    "batch_invariant": Field((bool,), default=False,
+                             doc="logits independent of batching (slower; see above)"),
     "type_k": Field((str,), default="f16", choices=tuple(_GGML_TYPES), doc="K cache type"),
     "type_v": Field((str,), default="f16", choices=tuple(_GGML_TYPES), doc="V cache type"),
     "embeddings": Field((bool,), default=False,

@@ -24,8 +24,11 @@ class Sequences:
     sequence's history holds only its tokens until :meth:`accept_draft` keeps the
     next draft token; :meth:`reject_draft` removes the cells of the rest."""
 
-    def __init__(self, ctx: LlamaContext, n_vocab: int) -> None:
+    def __init__(self, ctx: LlamaContext, n_vocab: int, *, invariant: bool = False) -> None:
         self.ctx = ctx
+        #: the ``batch_invariant`` option: every llama_decode call holds one sequence's
+        #: tokens, at most n_ubatch of them, and never a lone token
+        self.invariant = invariant
         n = ctx.n_seq_max
         #: what the KV of each sequence holds
         self.tokens: list[list[int]] = [[] for _ in range(n)]
@@ -77,6 +80,9 @@ class Sequences:
 
     def decode_small(self, work: list[tuple[int, list[int]]]) -> None:
         """The steady state of generation (one token per sequence), in one chunk."""
+        if self.invariant and (len(work) > 1 or len(work[0][1]) > self.ctx.n_ubatch):
+            self.decode([(s, np.asarray(t, dtype=np.int32)) for s, t in work])
+            return
         n, outs = self.batch.fill_small(work, self.tokens)
         try:
             self._run_chunk(n, outs, {}, False)
@@ -92,10 +98,11 @@ class Sequences:
         """Decode ``(seq, int32 tokens)`` work in chunks of n_batch; on failure no
         sequence changes. ``drafts[seq]``: that many of the sequence's last tokens
         are a draft (an output row each, held pending)."""
-        nb, batch = self.batch.n_max, self.batch
+        batch = self.batch
+        nb = min(batch.n_max, self.ctx.n_ubatch) if self.invariant else batch.n_max
         drafts = drafts or {}
         old_len = {s: len(self.tokens[s]) for s, _ in work}
-        multi = sum(t.size for _, t in work) > nb
+        multi = sum(t.size for _, t in work) > nb or (self.invariant and len(work) > 1)
         staged: dict[int, np.ndarray] = {}
         # (seq, output number, batch index) outputs of the current chunk: output 0 is
         # the sequence's last token, 1.. its draft tokens
@@ -109,6 +116,10 @@ class Sequences:
             for s, toks in work:
                 start, off, n = old_len[s], 0, toks.size
                 first = n - 1 - drafts.get(s, 0)  # the first token with an output
+                if self.invariant and fill:  # a call per sequence
+                    self._run_chunk(fill, done_out, staged, multi)
+                    fill = 0
+                    done_out = []
                 while off < n:
                     take = min(n - off, nb - fill)
                     batch.put(fill, toks[off:off + take], start + off, s)
@@ -140,7 +151,10 @@ class Sequences:
     def _run_chunk(self, n: int, outs: list[tuple[int, int, int]],
                    staged: dict[int, np.ndarray], multi: bool) -> None:
         ctx = self.ctx
-        rc = ctx.decode(self.batch, n)
+        if n == 1 and self.invariant:
+            rc = self._decode_padded()
+        else:
+            rc = ctx.decode(self.batch, n)
         if rc != 0:
             if rc == 1:
                 raise Overloaded("no free KV cache slot for this batch (the context is full; "
@@ -162,6 +176,18 @@ class Sequences:
                 staged[s] = row.copy()
             else:
                 self.logits[s] = row
+
+    def _decode_padded(self) -> int:
+        """Decode the lone token at index 0 beside a throwaway copy of it at the next
+        position of its sequence (no output), whose cell is removed at once: the lone
+        token's logits and KV come out as in any batch of two or more."""
+        b, ctx = self.batch, self.ctx
+        s, pos = int(b.np_seq[0]), int(b.np_pos[0])
+        b.np_token[1], b.np_pos[1], b.np_seq[1], b.np_logits[1] = b.np_token[0], pos + 1, s, 0
+        rc = ctx.decode(b, 2)
+        if not ctx.seq_rm(s, pos + 1, -1):
+            raise InternalError(f"could not remove the padding token of sequence {s}")
+        return rc
 
     def _rollback(self, old_len: dict[int, int]) -> None:
         """Drop what a failed decode may have appended to each sequence's KV."""

@@ -97,6 +97,18 @@ def test_speculative_peers(doc: dict) -> None:
     if pair["drafted_tokens"]:
         assert pair["acceptance"] == pair["accepted_tokens"] / pair["drafted_tokens"]
     assert pair["same_tokens"] is True  # greedy output unchanged by the drafts
+    # batch_invariant on: lookup keeps the plain greedy tokens, bit for bit
+    bi = sp["batch_invariant"]
+    assert bi["same_tokens"] is True and sp["invariant_same_tokens"] is True
+    assert gl["speculative_invariant_same_tokens"]["met"] is True
+    for name in ("grounded", "free"):
+        row = bi[name]
+        assert row["same_tokens"] is True
+        for key in ("lookup_vs_plain", "vs_default_plain", "plain_vs_default_plain"):
+            lo, hi = row[f"{key}_spread"]
+            assert _positive(row[key]) and lo <= row[key] <= hi
+        assert row["drafted_tokens"] >= row["accepted_tokens"] >= 0
+    assert sp["invariant_lookup_vs_plain"] == bi["grounded"]["vs_default_plain"]
 
 
 def test_single_stream(doc: dict) -> None:

@@ -575,6 +575,11 @@ def _speculative_goals(sp: dict[str, Any], g: Callable[..., dict[str, Any]]
                 spread=sp["llama_cpp_python_lookup"].get("ratio_spread")),
             "speculative_c8": g(c8, ">= 1x", None if c8 is None else c8 >= 1.0,
                                 spread=sp["c8_ratio_spread"]),
+            # with batch_invariant on: lookup's greedy tokens are the plain ones
+            "speculative_invariant_same_tokens": g(
+                sp["invariant_same_tokens"], "identical greedy tokens",
+                sp["invariant_same_tokens"],
+                lookup_vs_default_plain=sp["invariant_lookup_vs_plain"]),
             # the model as its own greedy draft: every drafted token kept
             "draft_model_self_acceptance": g(
                 sp["draft_model_acceptance"], "100%",
@@ -665,6 +670,10 @@ def table(r: dict[str, Any]) -> str:
         f"({mark('speculative_vs_llama_cpp_python')})",
         f"  8 clients, grounded, lookup / plain  {_f(r['speculative']['c8_ratio'], '{:.2f}')}x"
         f"  ({mark('speculative_c8')})",
+        f"  batch_invariant on: same tokens as plain: "
+        f"{r['speculative']['invariant_same_tokens']} ({mark('speculative_invariant_same_tokens')})"
+        f"; grounded lookup vs the default plain decode "
+        f"{_f(r['speculative']['invariant_lookup_vs_plain'], '{:.2f}')}x",
         f"  draft model: itself, greedy acceptance "
         f"{_f(r['speculative']['draft_model_acceptance'], '{:.3f}')}  "
         f"({mark('draft_model_self_acceptance')}); tiny pair "

@@ -110,8 +110,12 @@ def phase_speculative_peers(sup: Any, model: str, q: dict[str, Any],
         peer = lookup_vs_llama_cpp_python(c, model, q, progress, model_path, threads, n_ctx)
         c8 = c8_lookup(c, model, q, progress)
     drafts = draft_models(fleet, model_path, threads, q["tokens"], progress)
+    invariant = batch_invariant_lookup(fleet, model_path, threads, n_ctx, q, progress)
     self_draft = drafts["self"]
     return {"llama_cpp_python_lookup": peer, "c8": c8, "draft_model": drafts,
+            "batch_invariant": invariant,
+            "invariant_same_tokens": invariant["same_tokens"],
+            "invariant_lookup_vs_plain": invariant["grounded"]["vs_default_plain"],
             "lookup_vs_llama_cpp_python": peer.get("ratio"), "c8_ratio": c8["ratio"],
             "c8_ratio_spread": c8["ratio_spread"],
             "draft_model_acceptance": self_draft.get("acceptance")}
@@ -174,6 +178,47 @@ def lookup_vs_llama_cpp_python(c: Client, model: str, q: dict[str, Any],
                                      for o, t in zip(ours, theirs)), default=None,
                                     key=lambda x: n if x is None else x),
             "peer_version": peer.hello.get("version")}
+
+
+def batch_invariant_lookup(fleet: Fleet, model_path: Path, threads: int, n_ctx: int,
+                           q: dict[str, Any], progress: Callable[[str], None]
+                           ) -> dict[str, Any]:
+    """Lookup with ``batch_invariant`` on (a second fleet: the same model twice, with
+    and without it), interleaved rounds per prompt: default plain, invariant plain,
+    invariant lookup. With it, lookup's greedy tokens must be the plain ones; the
+    ratios say what that costs against the default plain decode."""
+    base = {"backend": "llama", "path": str(model_path), "n_ctx": n_ctx, "n_seq_max": 1,
+            "n_threads": threads, "n_threads_batch": threads}
+    n, rounds = q["tokens"], max(3, q["rounds"])
+    out: dict[str, Any] = {"tokens": n, "rounds": rounds}
+    progress("speculative: batch_invariant (a second fleet: the model with and without it)")
+    with fleet({"default": base, "invariant": {**base, "batch_invariant": True}}) as sup, \
+            Client(sup.address) as c:
+        for m in ("default", "invariant"):
+            _one(c, m, PROMPTS["free"], 8, "lookup")  # warm-up
+        for name, prompt in PROMPTS.items():
+            rows: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+            for r in range(rounds):
+                progress(f"speculative: batch_invariant, {name} prompt, round {r + 1}/{rounds}")
+                rows.append((_one(c, "default", prompt, n, None),
+                             _one(c, "invariant", prompt, n, None),
+                             _one(c, "invariant", prompt, n, "lookup")))
+            tps = [[x[i]["tokens_per_s"] for x in rows] for i in range(3)]
+            lookup, lookup_spread = ratios(tps[2], tps[1])
+            vs_default, vs_default_spread = ratios(tps[2], tps[0])
+            cost, cost_spread = ratios(tps[1], tps[0])
+            out[name] = {
+                "same_tokens": all(x[1]["tokens"] == x[2]["tokens"] for x in rows),
+                # where the default plain decode parts from the invariant one (None: never)
+                "default_first_difference": _first_difference(rows[0][0]["tokens"],
+                                                              rows[0][1]["tokens"]),
+                "lookup_vs_plain": lookup, "lookup_vs_plain_spread": lookup_spread,
+                "vs_default_plain": vs_default, "vs_default_plain_spread": vs_default_spread,
+                "plain_vs_default_plain": cost, "plain_vs_default_plain_spread": cost_spread,
+                "accepted_tokens": sum(x[2]["accepted"] for x in rows),
+                "drafted_tokens": sum(x[2]["drafted"] for x in rows)}
+    out["same_tokens"] = all(out[p]["same_tokens"] for p in PROMPTS)
+    return out
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:

@@ -575,6 +575,8 @@ class Worker:
         if not dirs:
             raise BadRequest(f"no {option} configured for model {self.spec.model}: "
                              "file paths from requests are refused")
+        if "\x00" in path:
+            raise BadRequest("a path must not contain a NUL character")
         real = os.path.realpath(path)
         for d in dirs:
             if os.path.commonpath([real, d]) == d:

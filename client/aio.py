@@ -298,6 +298,8 @@ class AsyncClient:
 
     def _open_control(self) -> zmq.asyncio.Socket:
         """The DEALER to the supervisor, with a monitor that tells when it is up."""
+        if self._closed:  # a socket opened now would keep the context from ending
+            raise Cancelled("client closed")
         if self._control is None:
             self._control = self._ctx.socket(zmq.DEALER)
             self._control.setsockopt(zmq.LINGER, 0)
@@ -489,6 +491,8 @@ class AsyncClient:
                 raise
             pool.refreshed = _now()  # serve on what is live; ask again later
             return
+        if self._closed:  # closed while the lookup was out: open no sockets now
+            raise Cancelled("client closed")
         pool.update(found, _now(), lambda e: WorkerConn(self, e))
 
     def _rescan_soon(self, pool: ModelPool) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import os
 import queue
 import threading
@@ -42,6 +43,7 @@ from llamafleet.runtime.errors import Cancelled, LlamafleetError, ProtocolError,
 from llamafleet.runtime.protocol import Completion
 
 T = TypeVar("T")
+log = logging.getLogger("llamafleet.client")
 
 
 class Stream:
@@ -423,6 +425,13 @@ class Client:
         self._run(shutdown())
         self._closed = True
         self._thread_io.close()  # the calls in flight on callers' threads have ended
+        # a socket still open would make term() wait forever (a CI teardown once did):
+        # close what a cancelled task or an abandoned call left behind, then end
+        for ctx in (self._async._plain_ctx, self._async._ctx):
+            for sock in list(getattr(ctx, "_sockets", None) or ()):
+                if not sock.closed:
+                    log.warning("closing a socket left open at client close: %s", sock)
+                    sock.close(linger=0)
         self._async._ctx.term()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)

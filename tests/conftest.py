@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,6 +85,54 @@ def worker_pid(sup: Supervisor, model: str) -> int:
     pid = next(w["pid"] for w in sup.status() if w["model"] == model)
     assert pid, f"worker {model} has no pid"
     return int(pid)
+
+
+def run_together(client: Any, sup: Supervisor, model: str,
+                 jobs: list[Callable[[], None]], timeout: float = 60) -> None:
+    """Run ``jobs`` (each makes one request of ``model``) on threads of their own so
+    that the worker is handed all the requests at once: on a fast machine a short
+    generation ends before the next thread has even sent its request.
+
+    Each thread first pings the worker, which connects that thread's socket (a socket
+    that connects to a paused worker would hold its request until the handshake, after
+    the pause); then the worker is paused (SIGSTOP) until every request is on the wire,
+    and resumed. Raises what a job raised."""
+    n = len(jobs)
+    connected = threading.Barrier(n + 1, timeout=timeout)
+    go = threading.Event()
+    errors: list[BaseException | None] = [None] * n
+
+    def body(i: int) -> None:
+        def job() -> None:
+            client.ping(model)
+            connected.wait()
+            if not go.wait(timeout):
+                raise AssertionError("never released")
+            jobs[i]()
+        errors[i] = catch(job)
+
+    def sent() -> bool:
+        pool = client._async._pools.get(model)
+        return pool is not None and sum(len(c.calls) for c in pool.conns.values()) >= n
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    connected.wait()
+    pid = worker_pid(sup, model)
+    kill(pid, signal.SIGSTOP)
+    try:
+        go.set()
+        wait_for(sent, timeout=10, interval=0.01)
+        time.sleep(0.05)  # the client's I/O thread puts the last frame on the wire
+    finally:
+        kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a job did not end"
+    for err in errors:
+        if err is not None:
+            raise err
 
 
 def catch(fn: Callable[[], Any]) -> BaseException | None:

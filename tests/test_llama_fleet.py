@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from llamafleet.client import Client
 from llamafleet.runtime.errors import BadRequest, NotFound, WorkerCrashed, WorkerFailed
-from tests.conftest import kill, make_config, pid_alive, wait_for, worker_pid
+from tests.conftest import kill, make_config, pid_alive, run_together, wait_for, worker_pid
 
 pytestmark = pytest.mark.llama
 
@@ -206,20 +205,7 @@ def test_eight_concurrent_streams_equal_their_solo_runs(sup: Supervisor, client:
         text = "".join(s)
         out[i] = (text, s.result.tokens if s.result else [])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    # On a fast machine a 24-token generation on the tiny model ends before the next
-    # thread has even sent its request.  Pause the worker while all eight are sent, so
-    # they are admitted together (well inside the heartbeat timeout).
-    pid = worker_pid(sup, "eight")
-    kill(pid, signal.SIGSTOP)
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-    finally:
-        kill(pid, signal.SIGCONT)
-    for t in threads:
-        t.join(60)
+    run_together(client, sup, "eight", [lambda i=i: run(i) for i in range(8)])
     assert [out.get(i) for i in range(8)] == [(r.text, r.tokens) for r in solo]
     # they really ran batched together
     assert client.info("eight").scheduler.peak_running >= 4

@@ -7,12 +7,9 @@ import asyncio
 import contextlib
 import math
 import shutil
-import signal
 import tempfile
-import threading
-import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -26,7 +23,7 @@ from llamafleet.runtime.errors import BadRequest, ConfigError, NotSupported
 from llamafleet.runtime.protocol import MAX_LOGPROBS, Completion, TokenLogprob
 from llamafleet.runtime.sampling import SamplingParams
 from llamafleet.testing import FAST_SETTINGS as FAST
-from tests.conftest import kill, worker_pid
+from tests.conftest import run_together
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "seed": 3}
 #: every fleet-level check runs on both backends; the llama half needs libllama
@@ -292,20 +289,10 @@ def test_llama_batched_sequences_read_their_own_logits(llamas: Supervisor) -> No
         assert solo[0].tokens != solo[1].tokens
         out: dict[int, Completion] = {}
 
-        def run(i: int) -> None:
-            out[i] = c.generate("llama", prompts[i], **kw)
+        def run(i: int) -> Callable[[], None]:
+            return lambda: out.__setitem__(i, c.generate("llama", prompts[i], **kw))
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        pid = worker_pid(llamas, "llama")
-        kill(pid, signal.SIGSTOP)  # admit both together
-        try:
-            for t in threads:
-                t.start()
-            time.sleep(0.3)
-        finally:
-            kill(pid, signal.SIGCONT)
-        for t in threads:
-            t.join(60)
+        run_together(c, llamas, "llama", [run(i) for i in range(2)])
         assert c.info("llama").scheduler.peak_running >= 2
     for i, r in enumerate(solo):
         got = out[i]

@@ -87,6 +87,12 @@ def worker_pid(sup: Supervisor, model: str) -> int:
     return int(pid)
 
 
+def calls_in_flight(client: Any, model: str) -> int:
+    """How many of a sync ``client``'s requests to ``model`` are sent and unanswered."""
+    pool = client._async._pools.get(model)
+    return 0 if pool is None else sum(len(c.calls) for c in pool.conns.values())
+
+
 def run_together(client: Any, sup: Supervisor, model: str,
                  jobs: list[Callable[[], None]], timeout: float = 60) -> None:
     """Run ``jobs`` (each makes one request of ``model``) on threads of their own so
@@ -111,10 +117,6 @@ def run_together(client: Any, sup: Supervisor, model: str,
             jobs[i]()
         errors[i] = catch(job)
 
-    def sent() -> bool:
-        pool = client._async._pools.get(model)
-        return pool is not None and sum(len(c.calls) for c in pool.conns.values()) >= n
-
     threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
@@ -123,8 +125,8 @@ def run_together(client: Any, sup: Supervisor, model: str,
     kill(pid, signal.SIGSTOP)
     try:
         go.set()
-        wait_for(sent, timeout=10, interval=0.01)
-        time.sleep(0.05)  # the client's I/O thread puts the last frame on the wire
+        wait_for(lambda: calls_in_flight(client, model) >= n, timeout=10, interval=0.01)
+        time.sleep(0.2)  # the client's I/O thread puts the last frame on the wire
     finally:
         kill(pid, signal.SIGCONT)
     for t in threads:

@@ -12,7 +12,7 @@ import pytest
 
 from llamafleet.client import Client, Stream
 from llamafleet.runtime.errors import Overloaded, RequestTimeout
-from tests.conftest import kill, wait_for, worker_pid
+from tests.conftest import kill, run_together, wait_for, worker_pid
 
 PROMPTS = [f"request number {i}: tell me something" for i in range(8)]
 
@@ -30,11 +30,7 @@ def test_eight_concurrent_streams_match_their_solo_runs(fleet) -> None:
             out[i] = (text, s.result.tokens if s.result else [])
 
         ticks_before = c.info("tiny").scheduler.ticks
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_together(c, sup, "tiny", [lambda i=i: run(i) for i in range(8)])
         ticks = c.info("tiny").scheduler.ticks - ticks_before
         for i in range(8):
             assert out[i] == (solo[i].text, solo[i].tokens)

@@ -14,7 +14,7 @@ import zmq
 from llamafleet.client import Client
 from llamafleet.runtime import protocol
 from llamafleet.runtime.errors import RequestTimeout, ShuttingDown, WorkerCrashed
-from tests.conftest import catch, kill, pid_alive, wait_for, worker_pid
+from tests.conftest import calls_in_flight, catch, kill, pid_alive, wait_for, worker_pid
 
 SIGNALS = [signal.SIGKILL, signal.SIGSEGV]
 
@@ -70,7 +70,7 @@ def test_crash_during_prefill_decode_and_kv_pack(fleet, sig: int) -> None:
         # kv_pack: slow pack of an explicit sequence
         c.prefill("m", 1, c.tokenize("m", "abc"))
         took = _crash_during(sup, c, sig, lambda: c.kv_pack("m", 1),
-                             lambda: c.status()[0]["inflight"] == 0)
+                             lambda: calls_in_flight(c, "m") == 1)
         assert took < 2.5
         restarts += 1
         wait_for(lambda: _ready(c, "m", restarts), timeout=20)

@@ -556,7 +556,8 @@ def test_gateway_of_a_curve_fleet(tmp_path: Path) -> None:
     try:
         assert sup.status()[0]["endpoint"].startswith("tcp://")
         r = httpx.post(f"{sup.http_url}/v1/completions",
-                       json={"model": "tiny", "prompt": "a", "max_tokens": 3}, timeout=30)
+                       json={"model": "tiny", "prompt": "a", "max_tokens": 3,
+                             "ignore_eos": True}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     finally:
         sup.stop()

@@ -75,6 +75,15 @@ def test_every_call_in_flight_ends_with_worker_crashed(fleet) -> None:
         assert len(results) == 4 and all(isinstance(r, WorkerCrashed) for r in results)
 
 
+async def until_idle(c: AsyncClient, timeout: float = 10.0) -> None:
+    """Wait until the supervisor reports no request in flight (it learns it from the
+    worker's heartbeats, so a cancel shows there a beat later)."""
+    deadline = time.monotonic() + timeout
+    while (await c.status())[0]["inflight"] != 0:
+        assert time.monotonic() < deadline, "a request stayed in flight"
+        await asyncio.sleep(0.05)
+
+
 def test_async_client_sees_the_crash_and_recovers(fleet) -> None:
     sup = fleet({"slow": SLOW})
 
@@ -95,13 +104,11 @@ def test_async_client_sees_the_crash_and_recovers(fleet) -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            await asyncio.sleep(0.2)
-            assert (await c.status())[0]["inflight"] == 0
+            await until_idle(c)
             # leaving an `async with` block early stops the stream on the worker
             async with c.stream("slow", "w", max_tokens=60_000, ignore_eos=True) as s:
                 assert await s.__anext__()
-            await asyncio.sleep(0.2)
-            assert (await c.status())[0]["inflight"] == 0
+            await until_idle(c)
 
     asyncio.run(main())
 

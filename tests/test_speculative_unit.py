@@ -231,17 +231,38 @@ def test_rejected_drafts_leave_nothing_in_a_kept_sequence(noisy: list[int]) -> N
     assert plain.tokens == spec.tokens and other.be.kv_pack(0) == rig.be.kv_pack(0)
 
 
+def test_drafts_of_one_evaluation_are_cut_to_one_length() -> None:
+    drafts = {0: [1, 2, 3, 4], 3: [5, 6], 5: [7, 8, 9]}
+    assert sp.even_drafts(drafts) == 3
+    assert drafts == {0: [1, 2], 3: [5, 6], 5: [7, 8]}
+    alone = {2: [1, 2, 3]}
+    assert sp.even_drafts(alone) == 0 and alone == {2: [1, 2, 3]}
+
+
 def test_eight_speculating_sequences_in_one_batch_match_their_solo_runs(echo: list[int]) -> None:
     rig = Rig(n_seq_max=8)
-    prompts = [echo[:len(echo) - 3 * i] for i in range(8)]
-    solo = [_complete(None, p, max_tokens=60)[0].tokens for p in prompts]
+    lengths: list[list[int]] = []  # the draft lengths of each evaluation
+    evaluate_drafts = rig.be.evaluate_drafts
+
+    def spy(batch: Any, drafts: Any) -> None:
+        lengths.append([len(d) for d in drafts.values()])
+        evaluate_drafts(batch, drafts)
+
+    rig.be.evaluate_drafts = spy  # type: ignore[method-assign]
+    # they start one tick apart (prompts of different lengths) and end apart
+    prompts = [echo[3 * i:] for i in range(8)]
+    lens = [60 - 5 * i for i in range(8)]
+    solo = [_complete(None, p, max_tokens=n)[0].tokens for p, n in zip(prompts, lens)]
     for i, p in enumerate(prompts):
-        rig.sched.submit(_gen(rig, i, p, LOOKUP, max_tokens=60))
+        rig.sched.submit(_gen(rig, i, p, LOOKUP, max_tokens=lens[i]))
     rig.run()
     res = rig.results()
     assert [res[i].tokens for i in range(8)] == solo
     assert sum(res[i].stats.accepted_tokens for i in range(8)) > 0
     assert rig.sched.peak_running == 8
+    # several sequences drafted together, always with drafts of one length (left to
+    # themselves, their lengths differ: see test_drafts_of_one_evaluation_are_cut...)
+    assert max(len(x) for x in lengths) > 1 and all(len(set(x)) <= 1 for x in lengths)
 
 
 def test_streamed_chunks_add_up_to_the_result(echo: list[int]) -> None:

@@ -54,7 +54,7 @@ from llamafleet.runtime.protocol import Completion, StreamChunk
 from llamafleet.worker.generation import Generation
 from llamafleet.worker.metrics import WorkerCounters
 from llamafleet.worker.prefix_cache import CacheHit, common_prefix_tokens, tok_bytes
-from llamafleet.worker.speculative import verify_draft
+from llamafleet.worker.speculative import even_drafts, verify_draft
 
 log = logging.getLogger("llamafleet.worker.scheduler")
 
@@ -335,6 +335,7 @@ class Scheduler:
             if draft:
                 drafts[g.seq] = draft
                 budget -= len(draft)
+        budget += even_drafts(drafts)
         # then prompt chunks, rotating who goes first so no prompt starves
         prefilling = [g for g in live if not g.prompt_done and g.pending]
         if prefilling:

@@ -168,7 +168,7 @@ def even_drafts(drafts: dict[int, list[int]]) -> int:
         return 0
     d = min(len(x) for x in drafts.values())
     freed = 0
-    for seq, draft in drafts.items():
+    for draft in drafts.values():
         freed += len(draft) - d
         del draft[d:]
     return freed

@@ -264,4 +264,4 @@ def concurrent_run(fn: Callable[[int, int], dict[str, Any]], clients: int,
     return {"clients": clients, "requests": len(results), "tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": tokens / wall,
             "ttft_ms_p50": statistics.median(ttfts),
-            "ttft_ms_max": ttfts[-1]}
+            "ttft_ms_max": ttfts[-1], "resent": sum(r.get("resent", 0) for r in results)}

@@ -162,8 +162,8 @@ def even_drafts(drafts: dict[int, list[int]]) -> int:
     llama.cpp splits a batch of several sequences into micro-batches that hold the
     same number of tokens of each sequence (``split_equal``), so a draft longer than
     its neighbours' is evaluated in a micro-batch of its own, at the fixed cost of a
-    whole model pass. With eight grounded streams on SmolLM2 (CPU) drafts of mixed
-    lengths made lookup 0.95x of plain; cut to one length, 1.03x."""
+    whole model pass: on SmolLM2 (CPU) eight sequences' 48 tokens took 245 ms in
+    drafts of mixed lengths and 200 ms in drafts of one length."""
     if len(drafts) < 2:
         return 0
     d = min(len(x) for x in drafts.values())

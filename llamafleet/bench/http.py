@@ -132,8 +132,8 @@ def _c8(http: httpx.Client, url: str, model: str, q: dict[str, Any],
     figure is its median round."""
 
     def run(base: str, name: str) -> dict[str, Any]:
-        # fresh connections each round, on both sides: llama-server closes idle
-        # keep-alive connections, and a pooled one it closed failed a round
+        # fresh connections each round, on both sides: nothing pooled is carried
+        # from one round (or one side) into the next
         with httpx.Client(timeout=600) as fresh:
             def one(i: int, r: int) -> dict[str, Any]:
                 topic = TOPICS[(i + r * 8) % len(TOPICS)]
